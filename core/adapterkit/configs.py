@@ -1,0 +1,282 @@
+"""Choosing a method and its settings: config strings, dicts, config objects.
+
+Config-string grammar (whitespace allowed between tokens)::
+
+    spec    := method [ "[" [ option ( "," option )* [","] ] "]" ]
+    method  := a registered method name or alias, e.g. lora, LORA, ia3
+    option  := key "=" value
+    key     := a field name of the method's config type (a Python identifier)
+    value   := a Python literal: 8, 0.05, True, None, "text", ['q_proj', 'v_proj'], {'a': 1}
+
+Quoted strings may contain any character, brackets and commas included.
+"""
+
+from __future__ import annotations
+
+import ast
+import copy
+import dataclasses
+import difflib
+import enum
+import re
+import types
+import typing
+from collections.abc import Mapping
+from typing import Any
+
+import attrs
+
+from .errors import (
+    ConfigError,
+    ConfigSyntaxError,
+    ConfigValueError,
+    UnknownConfigKeyError,
+    UnknownMethodError,
+)
+from .registry import Method, MethodRegistry, default_registry
+
+__all__ = ["parse_config", "parse_config_string", "format_config", "config_to_dict"]
+
+_SPEC = re.compile(r"\s*(?P<method>[A-Za-z_][\w.-]*)\s*(?:\[(?P<body>.*)\])?\s*", re.DOTALL)
+
+
+def parse_config_string(spec: str) -> tuple[str, dict[str, Any]]:
+    """Split a config string into its method name and options, without looking the method up.
+
+    >>> parse_config_string('lora[r=8, target_modules=["q_proj", "v_proj"]]')
+    ('lora', {'r': 8, 'target_modules': ['q_proj', 'v_proj']})
+    """
+    match = _SPEC.fullmatch(spec)
+    if match is None:
+        raise ConfigSyntaxError(
+            f"cannot parse config string {spec!r}: expected method[key=value, ...], "
+            'e.g. lora[r=8, target_modules=["q_proj", "v_proj"]] (check the brackets)'
+        )
+    body = match["body"]
+    if body is None or not body.strip():
+        return match["method"], {}
+    try:
+        # The options read as the keyword arguments of a call: Python's own
+        # tokenizer handles quotes, nesting and whitespace.
+        call = ast.parse(f"_({body}\n)", mode="eval").body
+    except SyntaxError as exc:
+        raise ConfigSyntaxError(
+            f"cannot parse the options of config string {spec!r}: {exc.msg}. "
+            "Write key=value pairs separated by commas, values as Python literals (quote strings)."
+        ) from None
+    assert isinstance(call, ast.Call)
+    if call.args or any(kw.arg is None for kw in call.keywords):
+        raise ConfigSyntaxError(f"config string {spec!r}: every option must be written key=value")
+    options: dict[str, Any] = {}
+    for kw in call.keywords:
+        try:
+            options[kw.arg] = ast.literal_eval(kw.value)  # type: ignore[index]
+        except ValueError:
+            raise ConfigSyntaxError(
+                f"config string {spec!r}: the value of {kw.arg!r}, {ast.unparse(kw.value)!r}, is not a "
+                "Python literal; quote strings and use numbers, True/False/None, lists, tuples or dicts"
+            ) from None
+    return match["method"], options
+
+
+def _fields(config_type: type) -> dict[str, dataclasses.Field[Any] | attrs.Attribute[Any] | None]:
+    if dataclasses.is_dataclass(config_type):
+        return {f.name: f for f in dataclasses.fields(config_type) if f.init}
+    if attrs.has(config_type):
+        return {a.alias or a.name: a for a in attrs.fields(config_type) if a.init}
+    import inspect
+
+    params = inspect.signature(config_type).parameters.values()
+    return {p.name: None for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+
+
+def _type_hints(config_type: type) -> dict[str, Any]:
+    try:
+        return typing.get_type_hints(config_type)
+    except Exception:  # unresolvable forward references: skip type checks
+        return {}
+
+
+def _matches(value: Any, tp: Any) -> bool:
+    """A forgiving check of ``value`` against a type annotation; unknown forms pass."""
+    if tp is Any or tp is object:
+        return True
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        return any(_matches(value, arg) for arg in typing.get_args(tp))
+    if origin is typing.Literal:
+        return value in typing.get_args(tp)
+    if tp is type(None):
+        return value is None
+    if tp is bool:
+        return isinstance(value, bool)
+    if tp is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if tp is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if tp is str:
+        return isinstance(value, str)
+    if origin in (list, tuple, set, frozenset) or tp in (list, tuple, set, frozenset):
+        container = origin or tp
+        accepted = (list, tuple, set, frozenset) if container is not tuple else (list, tuple)
+        if not isinstance(value, accepted):
+            return False
+        args = typing.get_args(tp)
+        if len(args) == 1 or (container is tuple and len(args) == 2 and args[1] is Ellipsis):
+            return all(_matches(v, args[0]) for v in value)
+        return True
+    if origin is dict or tp is dict:
+        return isinstance(value, dict)
+    if isinstance(tp, type) and issubclass(tp, enum.Enum):
+        return isinstance(value, (tp, str))
+    return True
+
+
+def _config_from_options(method: Method, options: Mapping[str, Any], registry: MethodRegistry) -> Any:
+    fields = _fields(method.config_type)
+    unknown = [key for key in options if key not in fields]
+    if unknown:
+        key = unknown[0]
+        close = difflib.get_close_matches(key, list(fields), n=3)
+        hint = f" Did you mean: {', '.join(close)}?" if close else ""
+        raise UnknownConfigKeyError(
+            f"{method.name} has no config key {key!r}.{hint} "
+            f"Valid keys are the fields of {method.config_type.__name__}."
+        )
+    hints = _type_hints(method.config_type)
+    for key, value in options.items():
+        if key in hints and not _matches(value, hints[key]):
+            raise ConfigValueError(
+                f"{method.name} config key {key!r} expects {_type_name(hints[key])}, got {value!r} "
+                f"({type(value).__name__})"
+            )
+    try:
+        config = method.config_type(**options)
+    except (TypeError, ValueError) as exc:
+        raise ConfigValueError(f"invalid {method.name} config {dict(options)!r}: {exc}") from exc
+    return config
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _config_from_saved(method: Method, data: Mapping[str, Any], registry: MethodRegistry) -> Any:
+    if registry.implements(method, "adapterkit_config_from_dict"):
+        try:
+            config = registry.call(method, "adapterkit_config_from_dict", data=dict(data))
+        except (TypeError, ValueError) as exc:
+            raise ConfigValueError(f"invalid saved {method.name} config: {exc}") from exc
+        if config is not None:
+            return config
+    fields = _fields(method.config_type)
+    return _config_from_options(method, {k: v for k, v in data.items() if k in fields}, registry)
+
+
+def resolve_config(
+    spec: Any, registry: MethodRegistry | None = None, *, method_name: str | None = None
+) -> tuple[Method, Any]:
+    """Return ``(method, config)`` for any accepted spec; the config is a fresh object.
+
+    ``method_name`` overrides the method a saved config dict names (a plugin's
+    claim recorded in the weights file, see :mod:`adapterkit.files`).
+    """
+    registry = registry or default_registry()
+    if isinstance(spec, str):
+        name, options = parse_config_string(spec)
+        method = registry.get(name)
+        config = _config_from_options(method, options, registry)
+    elif isinstance(spec, Mapping):
+        data = dict(spec)
+        if method_name is not None:
+            method = registry.get(method_name)
+            data.pop("method", None)
+            config = _config_from_saved(method, data, registry)
+        elif "method" in data:
+            method = registry.get(str(data.pop("method")))
+            config = _config_from_options(method, data, registry)
+        elif "peft_type" in data:
+            method = registry.get(str(getattr(data["peft_type"], "value", data["peft_type"])))
+            config = _config_from_saved(method, data, registry)
+        else:
+            raise ConfigError(
+                f"a config dict needs a 'method' key (or a saved config's 'peft_type'); got keys {sorted(data)}"
+            )
+    else:
+        try:
+            method = registry.method_for_config(spec)
+        except UnknownMethodError:
+            raise UnknownMethodError(
+                f"cannot use {spec!r} as an adapter config: pass a config string such as 'lora[r=8]', "
+                "a dict with a 'method' key, a saved adapter_config.json dict, or a config object "
+                f"of an installed method ({', '.join(sorted(registry.methods)) or 'none installed'})"
+            ) from None
+        config = copy.deepcopy(spec)
+    if registry.implements(method, "adapterkit_validate_config"):
+        registry.call(method, "adapterkit_validate_config", config=config)
+    return method, config
+
+
+def parse_config(spec: Any) -> Any:
+    """Turn a config string, dict, saved ``adapter_config.json`` dict or config object into a config object.
+
+    The result is the method's own config type (for LoRA, peft's ``LoraConfig``).
+    Raises :class:`UnknownMethodError` (a ``KeyError``) naming the installed
+    methods and the distribution to install, :class:`UnknownConfigKeyError`
+    naming the closest valid keys, :class:`ConfigValueError` naming key and
+    value, or :class:`ConfigSyntaxError`.
+    """
+    return resolve_config(spec)[1]
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, enum.Enum):
+        return value.value
+    if isinstance(value, (set, frozenset)):
+        return sorted(value, key=repr)
+    if isinstance(value, tuple):
+        return [_plain(v) for v in value]
+    if isinstance(value, list):
+        return [_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    return value
+
+
+def config_to_dict(config: Any, registry: MethodRegistry | None = None) -> dict[str, Any]:
+    """The JSON-able dict saved as ``adapter_config.json`` for ``config``."""
+    registry = registry or default_registry()
+    method = registry.method_for_config(config)
+    if registry.implements(method, "adapterkit_config_to_dict"):
+        data = registry.call(method, "adapterkit_config_to_dict", config=config)
+        if data is not None:
+            return data
+    if dataclasses.is_dataclass(config):
+        data = {f.name: _plain(getattr(config, f.name)) for f in dataclasses.fields(config)}
+    elif attrs.has(type(config)):
+        data = {k: _plain(v) for k, v in attrs.asdict(config, recurse=False).items()}
+    else:
+        raise ConfigError(f"cannot serialise config {config!r}: the {method.name} plugin needs adapterkit_config_to_dict")
+    data.setdefault("peft_type", (method.aliases[0] if method.aliases else method.name).upper())
+    return data
+
+
+def format_config(config: Any, registry: MethodRegistry | None = None) -> str:
+    """Write ``config`` as a config string that :func:`parse_config` turns back into an equal config.
+
+    Only options that differ from the config type's defaults are written.
+    """
+    registry = registry or default_registry()
+    method = registry.method_for_config(config)
+    fields = _fields(method.config_type)
+    try:
+        defaults = method.config_type()
+    except Exception:
+        defaults = None
+    options = []
+    for key in fields:
+        value = getattr(config, key)
+        if defaults is not None and getattr(defaults, key, object()) == value:
+            continue
+        options.append(f"{key}={_plain(value)!r}")
+    return f"{method.name}[{', '.join(options)}]" if options else method.name

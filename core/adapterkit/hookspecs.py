@@ -1,0 +1,249 @@
+"""The plugin contract: pluggy hook specifications.
+
+A plugin is any object or module with functions marked ``@adapterkit.hookimpl``
+whose names match the specs below, registered through the ``adapterkit``
+entry-point group. The core calls the hooks with keyword arguments only, so a
+spec can gain arguments without breaking existing plugins.
+
+Two kinds of hooks:
+
+* :func:`adapterkit_register_methods` is called on every plugin once, when the
+  registry is built. Through it a plugin declares the adapter methods it provides.
+* Every other hook is a *per-method* hook. The core calls it on exactly one
+  plugin: the one that registered the adapter's method (``method`` argument), so
+  a model may carry adapters of several methods side by side. A plugin that
+  provides several methods tells them apart by ``method``. Per-method hooks are
+  ``firstresult``: the owning plugin's return value is the result. A plugin that
+  does not implement an optional hook makes the operation raise
+  :class:`~adapterkit.UnsupportedOperationError` for its adapters.
+
+Adapter names are unique across methods on one model; a plugin may use them as
+keys (e.g. ``ModuleDict`` keys) without collision. The core validates names,
+configs and state before a hook sees them, and rolls a failed add or load back,
+so hooks may raise on error without cleaning up after themselves.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
+from typing import Any
+
+import pluggy
+import torch
+from torch import nn
+
+PROJECT = "adapterkit"
+
+hookspec = pluggy.HookspecMarker(PROJECT)
+hookimpl = pluggy.HookimplMarker(PROJECT)
+
+
+@hookspec
+def adapterkit_register_methods(register: Callable[..., None]) -> None:
+    """Declare the adapter methods this plugin provides.
+
+    Call ``register(name, config_type, aliases=(), description="")`` once per
+    method. ``name`` is what users write in config strings (``lora[r=8]``);
+    ``aliases`` are further names that select it, case-insensitively, such as
+    peft's ``peft_type`` (``"LORA"``), which is how saved peft checkpoints find
+    their method. ``config_type`` is the class of the method's config; its
+    fields are the keys a config string may use.
+
+    :param register: the core's registration callback. Naming and collision
+        policy is the core's: a name or alias claimed twice is a
+        :class:`~adapterkit.PluginError`.
+    """
+
+
+@hookspec(firstresult=True)
+def adapterkit_config_from_dict(method: str, data: dict[str, Any]) -> Any:
+    """Build the config object of ``method`` from a plain dict.
+
+    Called for config dicts and saved ``adapter_config.json`` contents. Optional:
+    without it the core calls ``config_type(**data)`` after dropping the keys the
+    type does not declare.
+
+    :param method: the registered method name.
+    :param data: the config's fields; may contain bookkeeping keys such as
+        ``peft_type`` or ``peft_version``.
+    :returns: the config object.
+    """
+
+
+@hookspec(firstresult=True)
+def adapterkit_config_to_dict(method: str, config: Any) -> dict[str, Any]:
+    """Turn a config of ``method`` into the JSON-able dict saved as ``adapter_config.json``.
+
+    Optional: without it the core uses the dataclass/attrs fields, adding
+    ``peft_type``.
+
+    :param method: the registered method name.
+    :param config: a config object of the method's config type.
+    :returns: a dict that :func:`adapterkit_config_from_dict` turns back into an equal config.
+    """
+
+
+@hookspec(firstresult=True)
+def adapterkit_validate_config(method: str, config: Any) -> None:
+    """Check a config before anything touches a model; raise on a bad value.
+
+    Optional. Raise :class:`~adapterkit.ConfigValueError` naming the key, the
+    value and the fix (``r`` must be positive, a target list must not be
+    empty, ...).
+
+    :param method: the registered method name.
+    :param config: the config object about to be used.
+    """
+
+
+@hookspec(firstresult=True)
+def adapterkit_inject(model: nn.Module, method: str, name: str, config: Any, empty: bool) -> None:
+    """Create adapter ``name`` in ``model``: wrap or extend the targeted layers.
+
+    Required. The new adapter need not be made active; the core calls
+    :func:`adapterkit_set_active` right after. Raise
+    :class:`~adapterkit.TargetError` when the targets match nothing. On any
+    exception the core undoes the injection (it calls :func:`adapterkit_delete`
+    and restores the module tree), so the model ends exactly as it was.
+
+    :param model: the model, modified in place.
+    :param method: the registered method name.
+    :param name: the adapter name, validated and not yet used on this model.
+    :param config: the method's config object (the core's own copy; the plugin may normalise it).
+    :param empty: ``True`` when weights are about to be loaded: create them on the
+        meta device without initialising them; :func:`adapterkit_load_state`
+        assigns real tensors.
+    """
+
+
+@hookspec(firstresult=True)
+def adapterkit_set_active(
+    model: nn.Module, method: str, names: Sequence[str], trainable: Sequence[str]
+) -> None:
+    """Make exactly ``names`` the active adapters of ``method``; others of the method go inactive.
+
+    Required. Called after every change that may affect the active set, with the
+    complete set for this method (possibly empty).
+
+    :param model: the model.
+    :param method: the registered method name.
+    :param names: this method's adapters that take part in the forward pass, in order.
+    :param trainable: the subset of ``names`` whose parameters get ``requires_grad=True``;
+        every other parameter of this method's adapters gets ``requires_grad=False``.
+    """
+
+
+@hookspec(firstresult=True)
+def adapterkit_enable(model: nn.Module, method: str) -> None:
+    """Let this method's adapters act again after :func:`adapterkit_disable`.
+
+    Required. The core re-applies :func:`adapterkit_set_active` afterwards.
+
+    :param model: the model.
+    :param method: the registered method name.
+    """
+
+
+@hookspec(firstresult=True)
+def adapterkit_disable(model: nn.Module, method: str) -> None:
+    """Make this method's adapters act as if absent: forward equals the base model's.
+
+    Required. Adapters stay attached and keep their weights.
+
+    :param model: the model.
+    :param method: the registered method name.
+    """
+
+
+@hookspec(firstresult=True)
+def adapterkit_extract_state(model: nn.Module, method: str, name: str) -> dict[str, torch.Tensor]:
+    """Return adapter ``name``'s tensors, keyed as in a peft checkpoint of this adapter alone.
+
+    Required. Keys are relative to ``model`` and carry no adapter name
+    (``layers.0.q_proj.lora_A.weight``); the core adds peft's
+    ``base_model.model.`` prefix when writing files. Keys must not depend on
+    other adapters present on the same layers.
+
+    :param model: the model.
+    :param method: the registered method name.
+    :param name: an adapter of this method.
+    :returns: name -> tensor (detached; may share storage with the parameters).
+    """
+
+
+@hookspec(firstresult=True)
+def adapterkit_load_state(
+    model: nn.Module, method: str, name: str, state_dict: dict[str, torch.Tensor]
+) -> None:
+    """Assign ``state_dict`` (keys as from :func:`adapterkit_extract_state`) to adapter ``name``.
+
+    Required. Strict: raise :class:`~adapterkit.StateDictMismatchError` naming
+    the missing, unexpected or wrong-shaped keys. After an injection with
+    ``empty=True`` this replaces the meta tensors, placing each on the device
+    and dtype of the layer it adapts.
+
+    :param model: the model.
+    :param method: the registered method name.
+    :param name: an adapter of this method.
+    :param state_dict: the tensors to assign, keys without prefix or adapter name.
+    """
+
+
+@hookspec(firstresult=True)
+def adapterkit_merge(model: nn.Module, method: str, names: Sequence[str]) -> None:
+    """Fold adapters ``names`` into the base weights.
+
+    Optional (raises :class:`~adapterkit.UnsupportedOperationError` for this
+    method's adapters when missing). The core never asks to merge an adapter
+    that is already merged.
+
+    :param model: the model.
+    :param method: the registered method name.
+    :param names: this method's adapters to merge, in order.
+    """
+
+
+@hookspec(firstresult=True)
+def adapterkit_unmerge(model: nn.Module, method: str, names: Sequence[str]) -> None:
+    """Take merged adapters ``names`` back out of the base weights.
+
+    Optional, paired with :func:`adapterkit_merge`.
+
+    :param model: the model.
+    :param method: the registered method name.
+    :param names: this method's merged adapters, in the order they were merged.
+    """
+
+
+@hookspec(firstresult=True)
+def adapterkit_delete(model: nn.Module, method: str, name: str) -> None:
+    """Remove adapter ``name`` and its parameters from the model.
+
+    Required. A layer left with no adapter should be unwrapped back to the
+    module it replaced. The core also calls this to undo a failed add or load,
+    when the adapter may be only partly injected; it must not raise then.
+
+    :param model: the model.
+    :param method: the registered method name.
+    :param name: an adapter of this method (never a merged one).
+    """
+
+
+@hookspec(firstresult=True)
+def adapterkit_per_sample(
+    model: nn.Module, method: str, rows: Sequence[str]
+) -> AbstractContextManager[None]:
+    """Return a context manager under which forwards route batch row ``i`` through adapter ``rows[i]``.
+
+    Optional. ``rows`` holds one entry per batch row: an adapter of this method,
+    another method's adapter, or ``"__base__"``; this method's layers act only on
+    rows naming its own adapters and leave the others as the base model
+    computes them. Raise on a forward whose batch size differs from
+    ``len(rows)``.
+
+    :param model: the model.
+    :param method: the registered method name.
+    :param rows: adapter name per batch row.
+    :returns: a context manager that installs the routing on enter and removes it on exit.
+    """

@@ -1,0 +1,489 @@
+"""The model-facing API: :func:`attach` and :class:`Adapters`.
+
+:class:`Adapters` keeps the bookkeeping a model needs (which adapters exist,
+their method and config, which are active, trainable, merged) and turns each
+operation into per-method hook calls. Everything that touches layers lives in
+the plugins; everything that must hold for every method (name rules, atomic
+failure, what is active and trainable) lives here, once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+from collections.abc import Iterator, Mapping, Sequence
+from os import PathLike
+from typing import Any
+
+import attrs
+import torch
+from torch import nn
+
+from . import files
+from .configs import config_to_dict, resolve_config
+from .errors import (
+    AdapterExistsError,
+    AdapterNameError,
+    AdapterStateError,
+    CheckpointError,
+    NoAdaptersError,
+    UnknownAdapterError,
+)
+from .registry import Method, MethodRegistry, default_registry
+
+__all__ = ["Adapters", "attach", "BASE", "DEFAULT_NAME"]
+
+BASE = "__base__"
+"""The per-sample row name meaning "no adapter"."""
+
+DEFAULT_NAME = "default"
+
+_HANDLE_ATTR = "_adapterkit_adapters"
+
+
+@attrs.define
+class _Adapter:
+    name: str
+    method: Method
+    config: Any
+    trainable: bool
+
+
+class _Snapshot:
+    """The parts of a model an injection may change, to put back after a failure."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.children = [(m, dict(m._modules)) for m in model.modules()]
+        self.requires_grad = [(p, p.requires_grad) for p in model.parameters()]
+
+    def restore(self) -> None:
+        for module, children in self.children:
+            module._modules.clear()
+            module._modules.update(children)
+        for param, flag in self.requires_grad:
+            param.requires_grad_(flag)
+
+
+def check_name(name: Any) -> str:
+    """Return ``name`` if it can name an adapter, else raise :class:`AdapterNameError`."""
+    if not isinstance(name, str):
+        raise AdapterNameError(f"adapter names are strings, got {name!r} ({type(name).__name__})")
+    problem = None
+    if not name.strip():
+        problem = "is empty"
+    elif name == BASE:
+        problem = f"is reserved: {BASE!r} means 'no adapter' in per_sample()"
+    elif any(ch in name for ch in "./\\"):
+        problem = "contains '.', '/' or '\\' (names become module keys and folder names)"
+    elif name != name.strip():
+        problem = "has leading or trailing whitespace"
+    if problem:
+        raise AdapterNameError(f"adapter name {name!r} {problem}; use e.g. 'default' or 'task_a'")
+    return name
+
+
+class Adapters:
+    """The adapters attached to one model. Get it with :func:`attach`.
+
+    Semantics, for every method:
+
+    * ``add`` and ``load`` make the new adapter the only active one.
+    * The first adapter freezes every parameter the model had; an adapter's
+      parameters train (``requires_grad``) when it was added (or loaded with
+      ``is_trainable=True``), is active, and adapters are enabled.
+    * Names are unique across methods; reusing one is an :class:`AdapterExistsError`.
+    * A failed ``add`` or ``load`` leaves the model exactly as it was.
+    """
+
+    def __init__(self, model: nn.Module, registry: MethodRegistry | None = None) -> None:
+        self.model = model
+        self.registry = registry or default_registry()
+        self._adapters: dict[str, _Adapter] = {}
+        self._active: list[str] = []
+        self._merged: list[str] = []
+        self._enabled = True
+
+    # -- state ---------------------------------------------------------------
+    @property
+    def names(self) -> list[str]:
+        """All attached adapters, in the order they were added."""
+        return list(self._adapters)
+
+    @property
+    def active(self) -> list[str]:
+        """The active adapters, in order (a copy)."""
+        return list(self._active)
+
+    @property
+    def merged(self) -> list[str]:
+        """The adapters currently merged into the base weights, in merge order."""
+        return list(self._merged)
+
+    @property
+    def enabled(self) -> bool:
+        """False between :meth:`disable` and :meth:`enable`."""
+        return self._enabled
+
+    def method(self, name: str) -> Method:
+        """The method of adapter ``name``."""
+        return self._get(name).method
+
+    def config(self, name: str) -> Any:
+        """The config of adapter ``name`` (the object in use; copy it before changing it)."""
+        return self._get(name).config
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._adapters
+
+    def __len__(self) -> int:
+        return len(self._adapters)
+
+    def __repr__(self) -> str:
+        parts = [f"{a.name}:{a.method.name}" for a in self._adapters.values()]
+        return (
+            f"Adapters({type(self.model).__name__}, adapters=[{', '.join(parts)}], active={self._active}, "
+            f"merged={self._merged}, enabled={self._enabled})"
+        )
+
+    def _get(self, name: str) -> _Adapter:
+        try:
+            return self._adapters[name]
+        except (KeyError, TypeError):
+            pass
+        if not self._adapters:
+            raise NoAdaptersError(f"no adapter named {name!r}: the model has no adapters; add() or load() one first")
+        raise UnknownAdapterError(f"no adapter named {name!r}; attached adapters: {', '.join(self._adapters)}")
+
+    def _require_adapters(self, operation: str) -> None:
+        if not self._adapters:
+            raise NoAdaptersError(f"cannot {operation}: the model has no adapters; add() or load() one first")
+
+    def _names_list(self, names: str | Sequence[str], operation: str) -> list[str]:
+        self._require_adapters(operation)
+        items = [names] if isinstance(names, str) else list(names)
+        for name in items:
+            self._get(name)
+        if len(set(items)) != len(items):
+            raise AdapterNameError(f"{operation}: adapter names repeat in {items!r}")
+        return items
+
+    def _by_method(self, names: Sequence[str]) -> dict[Method, list[str]]:
+        groups: dict[Method, list[str]] = {}
+        for name in names:
+            groups.setdefault(self._adapters[name].method, []).append(name)
+        return groups
+
+    def _methods(self) -> list[Method]:
+        return list(dict.fromkeys(a.method for a in self._adapters.values()))
+
+    def _call(self, method: Method, hook: str, **kwargs: Any) -> Any:
+        return self.registry.call(method, hook, model=self.model, **kwargs)
+
+    def _apply_active(self) -> None:
+        for method in self._methods():
+            names = [n for n in self._active if self._adapters[n].method == method]
+            trainable = [n for n in names if self._adapters[n].trainable] if self._enabled else []
+            self._call(method, "adapterkit_set_active", names=names, trainable=trainable)
+
+    # -- adding --------------------------------------------------------------
+    def add(self, config: Any, name: str = DEFAULT_NAME) -> str:
+        """Add a new, freshly initialised, trainable adapter and make it the only active one.
+
+        :param config: a config string (``"lora[r=8]"``), a dict with a ``method``
+            key, a saved ``adapter_config.json`` dict, or a method's config object.
+        :param name: the adapter's name; must not be in use.
+        :returns: the name.
+        """
+        self._check_new_name(name)
+        method, config = resolve_config(config, self.registry)
+        self._attach(name, method, config, state_dict=None, trainable=True)
+        return name
+
+    def load(
+        self,
+        source: str | PathLike[str] | None,
+        name: str | None = None,
+        *,
+        revision: str | None = None,
+        token: str | bool | None = None,
+        subfolder: str | None = None,
+        cache_dir: str | PathLike[str] | None = None,
+        local_files_only: bool = False,
+        is_trainable: bool = False,
+        config: Any = None,
+        state_dict: Mapping[str, torch.Tensor] | None = None,
+        allow_pickle: bool = False,
+    ) -> str:
+        """Load a saved adapter (peft format) from a local folder or a Hub repo and make it the only active one.
+
+        :param source: a folder holding ``adapter_config.json`` and
+            ``adapter_model.safetensors``, or a Hub repo id. May be ``None`` when
+            both ``config`` and ``state_dict`` are given.
+        :param name: the adapter's name (default ``"default"``); must not be in use.
+        :param revision: Hub branch, tag or commit; config and weights come from
+            the same resolved commit.
+        :param token: Hub token (never logged or shown in errors).
+        :param subfolder: folder inside ``source`` that holds the adapter.
+        :param cache_dir: Hub cache folder.
+        :param local_files_only: use only the Hub cache, never the network.
+        :param is_trainable: load the adapter trainable (default: frozen, for inference).
+        :param config: use this config instead of the saved ``adapter_config.json``.
+        :param state_dict: use these tensors instead of the saved weights file;
+            keys with or without peft's ``base_model.model.`` prefix.
+        :param allow_pickle: allow reading ``adapter_model.bin`` (pickle) when no
+            safetensors file exists. Only for sources you trust.
+        :returns: the name.
+        """
+        name = DEFAULT_NAME if name is None else name
+        self._check_new_name(name)
+        claimed = None
+        if config is None or state_dict is None:
+            if source is None:
+                raise CheckpointError("load() needs a source unless both config= and state_dict= are given")
+            found = files.resolve(
+                source,
+                subfolder=subfolder,
+                revision=revision,
+                token=token,
+                cache_dir=cache_dir,
+                local_files_only=local_files_only,
+                allow_pickle=allow_pickle,
+                need_config=config is None,
+                need_weights=state_dict is None,
+            )
+            if state_dict is None:
+                state_dict, claimed = files.read_weights(found.weights)
+            if config is None:
+                config = files.read_config(found.config)
+        method, config = resolve_config(config, self.registry, method_name=claimed)
+        tensors = files.strip_prefix(state_dict)
+        self._attach(name, method, config, state_dict=tensors, trainable=is_trainable)
+        return name
+
+    def _check_new_name(self, name: str) -> None:
+        check_name(name)
+        if name in self._adapters:
+            raise AdapterExistsError(
+                f"an adapter named {name!r} is already attached ({self._adapters[name].method.name}); "
+                f"pick another name or delete({name!r}) it first"
+            )
+
+    def _attach(
+        self,
+        name: str,
+        method: Method,
+        config: Any,
+        *,
+        state_dict: dict[str, torch.Tensor] | None,
+        trainable: bool,
+    ) -> None:
+        if self._merged:
+            raise AdapterStateError(f"cannot attach {name!r} while {self._merged} are merged; unmerge() first")
+        snapshot = _Snapshot(self.model)
+        previous_active = self._active
+        if not self._adapters:
+            for param in self.model.parameters():
+                param.requires_grad_(False)
+        try:
+            self._call(method, "adapterkit_inject", name=name, config=config, empty=state_dict is not None)
+            if state_dict is not None:
+                self._call(method, "adapterkit_load_state", name=name, state_dict=state_dict)
+            self._adapters[name] = _Adapter(name, method, config, trainable)
+            self._active = [name]
+            self._apply_active()
+        except BaseException:
+            self._adapters.pop(name, None)
+            self._active = previous_active
+            self._rollback(method, name, snapshot)
+            raise
+
+    def _rollback(self, method: Method, name: str, snapshot: _Snapshot) -> None:
+        with contextlib.suppress(Exception):
+            self._call(method, "adapterkit_delete", name=name)
+        snapshot.restore()
+        with contextlib.suppress(Exception):
+            self._apply_active()
+        snapshot.restore()  # set_active may touch requires_grad; the snapshot has the last word
+
+    # -- activity ------------------------------------------------------------
+    def set_active(self, names: str | Sequence[str]) -> None:
+        """Make exactly ``names`` active (across methods; ``[]`` deactivates all)."""
+        items = self._names_list(names, "set_active") if names != [] else []
+        if self._merged:
+            raise AdapterStateError(f"cannot change the active adapters while {self._merged} are merged; unmerge() first")
+        self._active = items
+        self._apply_active()
+
+    def disable(self) -> None:
+        """Make the model compute as without adapters (adapters stay attached). Unmerges merged adapters first."""
+        self._require_adapters("disable adapters")
+        if self._merged:
+            self.unmerge()
+        for method in self._methods():
+            self._call(method, "adapterkit_disable")
+        self._enabled = False
+        self._apply_active()
+
+    def enable(self) -> None:
+        """Undo :meth:`disable`."""
+        self._require_adapters("enable adapters")
+        for method in self._methods():
+            self._call(method, "adapterkit_enable")
+        self._enabled = True
+        self._apply_active()
+
+    @contextlib.contextmanager
+    def disabled(self) -> Iterator[None]:
+        """Context manager: adapters disabled inside, restored on exit."""
+        was_enabled = self._enabled
+        self.disable()
+        try:
+            yield
+        finally:
+            if was_enabled:
+                self.enable()
+
+    # -- state dicts and files ----------------------------------------------
+    def _single(self, name: str | None, operation: str) -> str:
+        self._require_adapters(operation)
+        if name is not None:
+            self._get(name)
+            return name
+        if len(self._active) != 1:
+            raise AdapterStateError(
+                f"{operation}: name an adapter; with {len(self._active)} active ({self._active}) it is ambiguous"
+            )
+        return self._active[0]
+
+    def state_dict(self, name: str | None = None, *, prefix: str = files.PEFT_PREFIX) -> dict[str, torch.Tensor]:
+        """Adapter ``name``'s tensors with peft's file keys (``base_model.model.<module>.lora_A.weight``).
+
+        ``name`` defaults to the only active adapter. Pass ``prefix=""`` for keys
+        relative to the model, as transformers' ``get_adapter_state_dict`` returns them.
+        """
+        name = self._single(name, "get a state dict")
+        adapter = self._adapters[name]
+        tensors = self._call(adapter.method, "adapterkit_extract_state", name=name)
+        return {prefix + key: value for key, value in tensors.items()}
+
+    def save(self, directory: str | PathLike[str], names: str | Sequence[str] | None = None) -> None:
+        """Save adapters in peft's format: ``default`` in ``directory``, each other one in ``directory/<name>``."""
+        items = self._names_list(self.names if names is None else names, "save")
+        for name in items:
+            adapter = self._adapters[name]
+            data = config_to_dict(adapter.config, self.registry)
+            data["inference_mode"] = True
+            if data.get("base_model_name_or_path") is None and "base_model_name_or_path" in data:
+                data["base_model_name_or_path"] = getattr(self.model, "name_or_path", None)
+            files.write_adapter(
+                files.adapter_folder(directory, name),
+                config=data,
+                tensors=self.state_dict(name),
+                method=adapter.method,
+            )
+
+    # -- merging and deleting ------------------------------------------------
+    def merge(self, names: str | Sequence[str] | None = None) -> None:
+        """Fold adapters (default: the active ones) into the base weights."""
+        self._require_adapters("merge")
+        items = self._names_list(self._active if names is None else names, "merge")
+        if not self._enabled:
+            raise AdapterStateError("cannot merge while adapters are disabled; enable() first")
+        already = [n for n in items if n in self._merged]
+        if already:
+            raise AdapterStateError(f"adapters {already} are already merged; unmerge() first")
+        if not items:
+            raise AdapterStateError("nothing to merge: no adapter is active; name the adapters to merge")
+        done: list[tuple[Method, list[str]]] = []
+        try:
+            for method, group in self._by_method(items).items():
+                self._call(method, "adapterkit_merge", names=group)
+                done.append((method, group))
+                self._merged.extend(group)
+        except BaseException:
+            for method, group in reversed(done):
+                with contextlib.suppress(Exception):
+                    self._call(method, "adapterkit_unmerge", names=group)
+                self._merged = [n for n in self._merged if n not in group]
+            raise
+
+    def unmerge(self) -> None:
+        """Take every merged adapter back out of the base weights."""
+        self._require_adapters("unmerge")
+        if not self._merged:
+            raise AdapterStateError("nothing to unmerge: no adapter is merged")
+        for method, group in reversed(list(self._by_method(self._merged).items())):
+            self._call(method, "adapterkit_unmerge", names=group)
+            self._merged = [n for n in self._merged if n not in group]
+
+    def delete(self, name: str) -> None:
+        """Remove adapter ``name`` and its parameters; it leaves the active list."""
+        adapter = self._get(name)
+        if name in self._merged:
+            raise AdapterStateError(f"adapter {name!r} is merged; unmerge() before deleting it")
+        self._call(adapter.method, "adapterkit_delete", name=name)
+        del self._adapters[name]
+        self._active = [n for n in self._active if n != name]
+        self._apply_active()
+
+    # -- mixed batches -------------------------------------------------------
+    @contextlib.contextmanager
+    def per_sample(self, rows: Sequence[str]) -> Iterator[None]:
+        """Context manager: forward passes inside route batch row ``i`` through adapter ``rows[i]``.
+
+        ``"__base__"`` means no adapter for that row. Inference only: the model
+        must be in eval mode, enabled, with nothing merged. Adapters of methods
+        not named in ``rows`` are switched off inside the block.
+        """
+        self._require_adapters("run per_sample")
+        if isinstance(rows, str) or not isinstance(rows, Sequence) or not rows:
+            raise AdapterNameError(f"per_sample takes a non-empty list of adapter names, one per batch row; got {rows!r}")
+        for row in rows:
+            if row != BASE:
+                self._get(row)
+        if self.model.training:
+            raise AdapterStateError("per_sample is for inference; call model.eval() first")
+        if self._merged:
+            raise AdapterStateError(f"per_sample cannot run while {self._merged} are merged; unmerge() first")
+        if not self._enabled:
+            raise AdapterStateError("per_sample cannot run while adapters are disabled; enable() first")
+        named = self._by_method([r for r in dict.fromkeys(rows) if r != BASE])
+        with contextlib.ExitStack() as stack:
+            for method in self._methods():
+                if method in named:
+                    stack.enter_context(self._call(method, "adapterkit_per_sample", rows=list(rows)))
+                else:
+                    self._call(method, "adapterkit_disable")
+                    stack.callback(self._call, method, "adapterkit_enable")
+            yield
+
+    # -- copying ---------------------------------------------------------------
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state.pop("registry")  # plugin managers do not pickle; the default one is rebuilt on load
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self.registry = default_registry()
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> Adapters:
+        new = Adapters.__new__(Adapters)
+        memo[id(self)] = new
+        for key, value in self.__dict__.items():
+            new.__dict__[key] = value if key == "registry" else copy.deepcopy(value, memo)
+        return new
+
+
+def attach(model: nn.Module, registry: MethodRegistry | None = None) -> Adapters:
+    """Return the :class:`Adapters` of ``model``, creating it on first use; the same object every time."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"attach() takes a torch.nn.Module, got {type(model).__name__}")
+    handle = model.__dict__.get(_HANDLE_ATTR)
+    if handle is None:
+        handle = Adapters(model, registry)
+        # Plain attribute, not a submodule: the handle must not appear in model.state_dict().
+        object.__setattr__(model, _HANDLE_ATTR, handle)
+    elif registry is not None and registry is not handle.registry:
+        raise AdapterStateError("this model is already attached with another registry")
+    return handle

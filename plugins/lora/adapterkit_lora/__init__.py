@@ -1,0 +1,58 @@
+"""LoRA for adapterkit, through peft's LoRA layers (``lora[r=8, target_modules=[...]]``)."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+from adapterkit import PerSampleError, UnsupportedOperationError, hookimpl
+from adapterkit.peft_glue import PeftMethod
+from peft import LoraConfig
+from peft.tuners.lora import LoraModel
+from torch import nn
+
+__all__ = ["LoraMethod", "plugin"]
+
+
+class LoraMethod(PeftMethod):
+    """peft LoRA, plus per-sample routing through peft's mixed-batch forward."""
+
+    def file_key(self, suffix: str) -> str:
+        # peft saves DoRA's magnitude without the ".weight" its module now has.
+        return suffix.removesuffix(".weight") if suffix.startswith("lora_magnitude_vector.") else suffix
+
+    @hookimpl
+    def adapterkit_per_sample(self, model: nn.Module, method: str, rows: Sequence[str]) -> Any:
+        return self._per_sample(model, list(rows))
+
+    @contextlib.contextmanager
+    def _per_sample(self, model: nn.Module, rows: list[str]) -> Iterator[None]:
+        dora = sorted({row for layer in self.layers(model) for row in rows if layer.use_dora.get(row, False)})
+        if dora:
+            raise UnsupportedOperationError(f"per_sample does not support DoRA adapters ({dora}); peft cannot mix them")
+
+        def route(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+            batch = len(args[0]) if args else len(next(iter(kwargs.values())))
+            if batch != len(rows):
+                raise PerSampleError(
+                    f"per_sample was given {len(rows)} row names but the batch has {batch} rows; "
+                    "pass one adapter name (or '__base__') per row"
+                )
+            return args, {**kwargs, "adapter_names": rows}
+
+        handles = [layer.register_forward_pre_hook(route, with_kwargs=True) for layer in self.layers(model)]
+        try:
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
+
+
+plugin = LoraMethod(
+    "lora",
+    LoraConfig,
+    LoraModel,
+    aliases=("LORA",),
+    description="Low-rank adaptation (peft LoRA layers; DoRA and rsLoRA options included)",
+)
