@@ -21,6 +21,7 @@ import enum
 import re
 import types
 import typing
+import warnings
 from collections.abc import Mapping
 from typing import Any
 
@@ -58,7 +59,9 @@ def parse_config_string(spec: str) -> tuple[str, dict[str, Any]]:
     try:
         # The options read as the keyword arguments of a call: Python's own
         # tokenizer handles quotes, nesting and whitespace.
-        call = ast.parse(f"_({body}\n)", mode="eval").body
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "invalid escape sequence" in regex strings: keep them as written
+            call = ast.parse(f"_({body}\n)", mode="eval").body
     except SyntaxError as exc:
         raise ConfigSyntaxError(
             f"cannot parse the options of config string {spec!r}: {exc.msg}. "
@@ -69,8 +72,12 @@ def parse_config_string(spec: str) -> tuple[str, dict[str, Any]]:
         raise ConfigSyntaxError(f"config string {spec!r}: every option must be written key=value")
     options: dict[str, Any] = {}
     for kw in call.keywords:
+        if kw.arg in options:
+            raise ConfigSyntaxError(f"config string {spec!r} sets {kw.arg!r} twice; keep one")
         try:
-            options[kw.arg] = ast.literal_eval(kw.value)  # type: ignore[index]
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                options[kw.arg] = ast.literal_eval(kw.value)  # type: ignore[index]
         except ValueError:
             raise ConfigSyntaxError(
                 f"config string {spec!r}: the value of {kw.arg!r}, {ast.unparse(kw.value)!r}, is not a "

@@ -275,7 +275,10 @@ class PeftMethod:
     @hookimpl
     def adapterkit_delete(self, model: nn.Module, method: str, name: str) -> None:
         for site in self.sites(model, name):
-            site.layer.delete_adapter(name)
+            with warnings.catch_warnings():
+                # peft picks a new active adapter and says so; the core re-applies its own active set.
+                warnings.filterwarnings("ignore", message="Adapter .* was active which is now deleted")
+                site.layer.delete_adapter(name)
             if _is_empty(site.layer):
                 # Unwrap: put back the module this layer replaced.
                 setattr(site.parent, site.attr, site.layer.base_layer)

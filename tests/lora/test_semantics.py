@@ -1,0 +1,212 @@
+"""The model-facing API's rules: names, activity, trainability, errors on misuse, the mixin."""
+
+from __future__ import annotations
+
+import copy
+import pickle
+import warnings
+
+import pytest
+import torch
+from conftest import MLP, Fingerprint, llama_input, make_llama, make_mlp, mlp_input, run
+from torch import nn
+
+import adapterkit
+from adapterkit import (
+    AdapterMixin,
+    AdapterNameError,
+    AdapterStateError,
+    NoAdaptersError,
+    PerSampleError,
+    UnknownAdapterError,
+)
+
+SPEC = "lora[r=2, target_modules=['q_proj', 'v_proj'], init_lora_weights=False]"
+
+
+def test_attach_returns_the_same_object_and_stays_out_of_state_dict(llama):
+    adapters = adapterkit.attach(llama)
+    assert adapterkit.attach(llama) is adapters
+    assert adapterkit.attach(make_llama()) is not adapters
+    adapters.add(SPEC)
+    assert not any("adapterkit" in key for key in llama.state_dict())
+
+
+def test_attach_refuses_non_modules():
+    with pytest.raises(TypeError, match="torch.nn.Module"):
+        adapterkit.attach(object())
+
+
+@pytest.mark.parametrize("name", ["", "  ", "a.b", "a/b", "..", "__base__", " x", 3])
+def test_bad_names_are_refused(llama, name):
+    x = llama_input()
+    before = Fingerprint(llama, x)
+    with pytest.raises(AdapterNameError):
+        adapterkit.attach(llama).add(SPEC, name)
+    before.assert_same(llama, x)
+
+
+def test_operations_without_adapters_are_clear_errors(llama, tmp_path):
+    adapters = adapterkit.attach(llama)
+    for call in (
+        lambda: adapters.set_active("x"),
+        adapters.disable,
+        adapters.enable,
+        adapters.merge,
+        adapters.unmerge,
+        lambda: adapters.delete("x"),
+        adapters.state_dict,
+        lambda: adapters.save(tmp_path),
+        lambda: adapters.config("x"),
+        lambda: adapters.per_sample(["x"]).__enter__(),
+    ):
+        with pytest.raises(NoAdaptersError, match="no adapters; add\\(\\) or load\\(\\) one first"):
+            call()
+
+
+def test_unknown_adapter_is_a_key_error_listing_names(llama):
+    adapters = adapterkit.attach(llama)
+    adapters.add(SPEC, "one")
+    with pytest.raises(UnknownAdapterError, match="'two'.*attached adapters: one") as info:
+        adapters.set_active("two")
+    assert isinstance(info.value, KeyError)
+
+
+def test_add_makes_the_new_adapter_the_only_active_and_trainable(llama):
+    adapters = adapterkit.attach(llama)
+    adapters.add(SPEC, "one")
+    adapters.add(SPEC, "two")
+    assert adapters.active == ["two"]
+    grads = {n for n, p in llama.named_parameters() if p.requires_grad}
+    assert grads and all(".two." in n for n in grads)
+    adapters.set_active(["one", "two"])
+    grads = {n for n, p in llama.named_parameters() if p.requires_grad}
+    assert any(".one." in n for n in grads) and any(".two." in n for n in grads)
+    with adapters.disabled():
+        assert not any(p.requires_grad for p in llama.parameters())
+    assert {n for n, p in llama.named_parameters() if p.requires_grad} == grads
+
+
+def test_loaded_adapters_are_frozen_unless_trainable(llama, tmp_path):
+    source = make_llama()
+    adapterkit.attach(source).add(SPEC)
+    adapterkit.attach(source).save(tmp_path)
+    adapters = adapterkit.attach(llama)
+    adapters.load(tmp_path, "frozen")
+    assert adapters.active == ["frozen"]
+    assert not any(p.requires_grad for p in llama.parameters())
+    adapters.load(tmp_path, "trained", is_trainable=True)
+    grads = {n for n, p in llama.named_parameters() if p.requires_grad}
+    assert grads and all(".trained." in n for n in grads)
+
+
+def test_state_dict_needs_a_name_when_ambiguous(llama):
+    adapters = adapterkit.attach(llama)
+    adapters.add(SPEC, "one")
+    adapters.add(SPEC, "two")
+    adapters.set_active(["one", "two"])
+    with pytest.raises(AdapterStateError, match="name an adapter"):
+        adapters.state_dict()
+    assert adapters.state_dict("one").keys() == adapters.state_dict("two").keys()
+    relative = adapters.state_dict("one", prefix="")
+    assert all(not k.startswith("base_model.") for k in relative)
+
+
+def test_merge_rules(llama):
+    adapters = adapterkit.attach(llama)
+    adapters.add(SPEC, "one")
+    with pytest.raises(AdapterStateError, match="nothing to unmerge"):
+        adapters.unmerge()
+    adapters.merge()
+    with pytest.raises(AdapterStateError, match="already merged"):
+        adapters.merge()
+    with pytest.raises(AdapterStateError, match="unmerge\\(\\) before deleting"):
+        adapters.delete("one")
+    with pytest.raises(AdapterStateError, match="unmerge\\(\\) first"):
+        adapters.set_active([])
+    with pytest.raises(AdapterStateError, match="unmerge\\(\\) first"):
+        adapters.add(SPEC, "two")
+    adapters.unmerge()
+    adapters.delete("one")
+
+
+def test_disable_unmerges_first(llama):
+    x = llama_input()
+    adapters = adapterkit.attach(llama)
+    adapters.add(SPEC)
+    with_adapter = run(llama, x)
+    adapters.merge()
+    adapters.disable()
+    assert adapters.merged == []
+    assert (run(llama, x) - run(make_llama(), x)).abs().max() <= 1e-5
+    adapters.enable()
+    assert (run(llama, x) - with_adapter).abs().max() <= 1e-6
+
+
+def test_per_sample_misuse(llama):
+    x = llama_input()
+    adapters = adapterkit.attach(llama)
+    adapters.add(SPEC, "one")
+    with pytest.raises(UnknownAdapterError):
+        adapters.per_sample(["one", "nope", "one"]).__enter__()
+    with pytest.raises(AdapterNameError):
+        adapters.per_sample("one").__enter__()
+    with pytest.raises(PerSampleError, match="2 row names but the batch has 3 rows"):
+        with adapters.per_sample(["one", "one"]):
+            run(llama, x)
+    llama.train()
+    with pytest.raises(AdapterStateError, match="model.eval"):
+        adapters.per_sample(["one"] * 3).__enter__()
+    llama.eval()
+    # After all that, the plain forward is untouched.
+    assert torch.equal(run(llama, x), run(llama, x))
+    with adapters.per_sample(["one", "__base__", "one"]):
+        mixed = run(llama, x)
+    assert torch.equal(mixed[0], run(llama, x)[0])
+
+
+def test_deepcopy_and_pickle_keep_adapters(llama):
+    x = llama_input()
+    adapters = adapterkit.attach(llama)
+    adapters.add(SPEC, "one")
+    clone = copy.deepcopy(llama)
+    cloned = adapterkit.attach(clone)
+    assert cloned is not adapters and cloned.model is clone and cloned.names == ["one"]
+    cloned.delete("one")
+    assert adapters.names == ["one"]
+    restored = pickle.loads(pickle.dumps(llama))
+    assert adapterkit.attach(restored).names == ["one"]
+    assert torch.equal(run(restored, x), run(llama, x))
+
+
+class MixinMLP(AdapterMixin, MLP):
+    pass
+
+
+def test_mixin_offers_the_transformers_names(tmp_path):
+    x = mlp_input()
+    torch.manual_seed(0)
+    model = MixinMLP().eval()
+    spec = "lora[r=2, target_modules=['head'], init_lora_weights=False]"
+    model.add_adapter(spec)
+    model.add_adapter(spec, adapter_name="other")
+    assert model.active_adapters() == ["other"]
+    with pytest.warns(FutureWarning):
+        assert model.active_adapter() == "other"
+    model.set_adapter("default")
+    state = model.get_adapter_state_dict()
+    assert set(state) == {"head.lora_A.weight", "head.lora_B.weight"}
+    model.adapterkit.save(tmp_path)
+    default_out = run(model, x)
+    model.disable_adapters()
+    assert torch.equal(run(model, x), run(make_mlp(), x))
+    model.enable_adapters()
+    model.delete_adapter(["default", "other"])
+    assert model.adapterkit.names == []
+    model.load_adapter(str(tmp_path), adapter_name="again")
+    assert torch.equal(run(model, x), default_out)
+    model.load_adapter(adapter_name="from_state", peft_config=spec, adapter_state_dict=state)
+    assert torch.equal(run(model, x), default_out)
+    with pytest.raises(adapterkit.UnsupportedOperationError, match="dispatch plugin"):
+        model.load_adapter(str(tmp_path), adapter_name="placed", device_map="auto")
+    assert isinstance(model, nn.Module)
