@@ -210,3 +210,23 @@ def test_mixin_offers_the_transformers_names(tmp_path):
     with pytest.raises(adapterkit.UnsupportedOperationError, match="dispatch plugin"):
         model.load_adapter(str(tmp_path), adapter_name="placed", device_map="auto")
     assert isinstance(model, nn.Module)
+
+
+def test_loading_creates_adapter_weights_on_meta_then_assigns_file_tensors(llama, tmp_path):
+    source = make_llama()
+    adapterkit.attach(source).add(SPEC)
+    adapterkit.attach(source).save(tmp_path)
+    registry = adapterkit.default_registry()
+    method = registry.get("lora")
+    # The injection load() uses: no initialisation, every adapter tensor on the meta device.
+    registry.call(method, "adapterkit_inject", model=llama, name="probe", config=adapterkit.parse_config(SPEC), empty=True)
+    probe = [p for n, p in llama.named_parameters() if ".probe." in n]
+    assert probe and all(p.is_meta for p in probe)
+    registry.call(method, "adapterkit_delete", model=llama, name="probe")
+    assert str(llama) == str(make_llama())
+    # load() assigns the file's tensors: nothing left on meta, values equal to the source's.
+    adapters = adapterkit.attach(llama)
+    adapters.load(tmp_path)
+    assert not any(p.is_meta for p in llama.parameters())
+    expected = adapterkit.attach(source).state_dict()
+    assert all(torch.equal(v, expected[k]) for k, v in adapters.state_dict().items())
