@@ -162,7 +162,7 @@ def _download(
         if status in (401, 403):
             raise HubAccessError(f"{where}: access denied (HTTP {status}); check the token") from None
         raise CheckpointError(f"{where}: the Hub answered HTTP {status}; try again later") from None
-    except OSError as exc:
+    except Exception as exc:  # the HTTP client's own errors (a connection cut mid-download, ...)
         raise CheckpointError(f"{where}: download failed ({type(exc).__name__}); try again") from None
     folder = Path(root) / prefix if prefix else Path(root)
     if not folder.is_dir():
