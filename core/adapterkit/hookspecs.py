@@ -247,3 +247,31 @@ def adapterkit_per_sample(
     :param rows: adapter name per batch row.
     :returns: a context manager that installs the routing on enter and removes it on exit.
     """
+
+
+@hookspec(firstresult=True)
+def adapterkit_dispatch(
+    model: nn.Module,
+    device_map: str | dict[str, Any],
+    max_memory: dict[Any, Any] | None,
+    offload_folder: str | None,
+    offload_index: dict[str, Any] | None,
+) -> bool | None:
+    """Place ``model``, adapters included, on devices (a *model-level* hook, not per method).
+
+    Called by :meth:`Adapters.dispatch` and by ``load(..., device_map=...)``
+    after the adapter is attached. The first plugin that returns non-``None``
+    wins; with no plugin implementing it the core raises
+    :class:`~adapterkit.UnsupportedOperationError` naming ``adapterkit-dispatch``.
+    Adapter weights must end on the device of the layer they adapt, also for
+    layers offloaded to CPU or disk.
+
+    :param model: the model, already carrying its adapters.
+    :param device_map: ``"auto"``, ``"balanced"``, ``"balanced_low_0"``,
+        ``"sequential"`` or an explicit ``{module name: device}`` dict
+        (devices: an index, ``"cpu"``, ``"disk"``).
+    :param max_memory: per-device memory limits, as accelerate takes them.
+    :param offload_folder: folder for weights offloaded to disk.
+    :param offload_index: an existing offload index to reuse.
+    :returns: ``True`` once the model is placed.
+    """

@@ -13,7 +13,6 @@ from typing import Any
 
 import torch
 
-from .errors import UnsupportedOperationError
 from .model import DEFAULT_NAME, Adapters, attach
 
 __all__ = ["AdapterMixin"]
@@ -36,7 +35,7 @@ class AdapterMixin:
         device_map: Any = None,
         max_memory: Any = None,
         offload_folder: str | None = None,
-        offload_index: int | None = None,
+        offload_index: dict[str, Any] | None = None,
         peft_config: Any = None,
         adapter_state_dict: Mapping[str, torch.Tensor] | None = None,
         is_trainable: bool = False,
@@ -47,13 +46,8 @@ class AdapterMixin:
 
         ``adapter_kwargs`` may hold ``subfolder``, ``cache_dir``,
         ``local_files_only`` and ``allow_pickle``. Device placement arguments
-        need a dispatch plugin.
+        need the dispatch plugin (``adapterkit-dispatch``).
         """
-        if any(v is not None for v in (device_map, max_memory, offload_folder, offload_index)):
-            raise UnsupportedOperationError(
-                "device_map/max_memory/offload_folder/offload_index need the adapterkit dispatch plugin, "
-                "which is not installed"
-            )
         options = {**(adapter_kwargs or {}), **kwargs}
         unknown = set(options) - {"subfolder", "cache_dir", "local_files_only", "allow_pickle"}
         if unknown:
@@ -66,6 +60,10 @@ class AdapterMixin:
             config=peft_config,
             state_dict=adapter_state_dict,
             is_trainable=is_trainable,
+            device_map=device_map,
+            max_memory=max_memory,
+            offload_folder=offload_folder,
+            offload_index=offload_index,
             **options,
         )
 

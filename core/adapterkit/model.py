@@ -28,6 +28,7 @@ from .errors import (
     CheckpointError,
     NoAdaptersError,
     UnknownAdapterError,
+    UnsupportedOperationError,
 )
 from .registry import Method, MethodRegistry, default_registry
 
@@ -213,6 +214,10 @@ class Adapters:
         config: Any = None,
         state_dict: Mapping[str, torch.Tensor] | None = None,
         allow_pickle: bool = False,
+        device_map: str | dict[str, Any] | None = None,
+        max_memory: dict[Any, Any] | None = None,
+        offload_folder: str | PathLike[str] | None = None,
+        offload_index: dict[str, Any] | None = None,
     ) -> str:
         """Load a saved adapter (peft format) from a local folder or a Hub repo and make it the only active one.
 
@@ -232,8 +237,16 @@ class Adapters:
             keys with or without peft's ``base_model.model.`` prefix.
         :param allow_pickle: allow reading ``adapter_model.bin`` (pickle) when no
             safetensors file exists. Only for sources you trust.
+        :param device_map: after loading, re-dispatch the model with this device
+            map (needs the dispatch plugin, see :meth:`dispatch`); ``max_memory``,
+            ``offload_folder`` and ``offload_index`` go with it.
         :returns: the name.
         """
+        placement = {"max_memory": max_memory, "offload_folder": offload_folder, "offload_index": offload_index}
+        if device_map is None and any(v is not None for v in placement.values()):
+            raise AdapterStateError(f"{[k for k, v in placement.items() if v is not None]} need device_map=")
+        if device_map is not None:
+            self._dispatcher()  # fail before loading when no dispatch plugin is installed
         name = DEFAULT_NAME if name is None else name
         self._check_new_name(name)
         claimed = None
@@ -258,7 +271,39 @@ class Adapters:
         method, config = resolve_config(config, self.registry, method_name=claimed)
         tensors = files.strip_prefix(state_dict)
         self._attach(name, method, config, state_dict=tensors, trainable=is_trainable)
+        if device_map is not None:
+            self.dispatch(device_map, **placement)
         return name
+
+    def _dispatcher(self) -> Any:
+        hook = self.registry.plugin_manager.hook.adapterkit_dispatch
+        if not hook.get_hookimpls():
+            raise UnsupportedOperationError(
+                "device_map/max_memory/offload_folder/offload_index need a dispatch plugin; "
+                "install it with: pip install adapterkit-dispatch"
+            )
+        return hook
+
+    def dispatch(
+        self,
+        device_map: str | dict[str, Any] = "auto",
+        *,
+        max_memory: dict[Any, Any] | None = None,
+        offload_folder: str | PathLike[str] | None = None,
+        offload_index: dict[str, Any] | None = None,
+    ) -> None:
+        """Place the model and its adapters on devices through the dispatch plugin (accelerate).
+
+        ``device_map`` is ``"auto"``, ``"balanced"``, ``"balanced_low_0"``,
+        ``"sequential"`` or an explicit ``{module name: device}`` dict.
+        """
+        self._dispatcher()(
+            model=self.model,
+            device_map=device_map,
+            max_memory=max_memory,
+            offload_folder=None if offload_folder is None else str(offload_folder),
+            offload_index=offload_index,
+        )
 
     def _check_new_name(self, name: str) -> None:
         check_name(name)
