@@ -268,6 +268,21 @@ def config_to_dict(config: Any, registry: MethodRegistry | None = None) -> dict[
     return data
 
 
+_NO_DEFAULT = object()
+
+
+def _declared_default(field: Any) -> Any:
+    if isinstance(field, dataclasses.Field):
+        if field.default is not dataclasses.MISSING:
+            return field.default
+        if field.default_factory is not dataclasses.MISSING:
+            return field.default_factory()
+    elif isinstance(field, attrs.Attribute) and field.default is not attrs.NOTHING:
+        default = field.default
+        return default.factory() if isinstance(default, attrs.Factory) else default  # type: ignore[call-arg]
+    return _NO_DEFAULT
+
+
 def format_config(config: Any, registry: MethodRegistry | None = None) -> str:
     """Write ``config`` as a config string that :func:`parse_config` turns back into an equal config.
 
@@ -277,13 +292,13 @@ def format_config(config: Any, registry: MethodRegistry | None = None) -> str:
     method = registry.method_for_config(config)
     fields = _fields(method.config_type)
     try:
-        defaults = method.config_type()
-    except Exception:
-        defaults = None
+        defaults = {key: getattr(method.config_type(), key) for key in fields}
+    except Exception:  # the type has required keys (AdaLoRA's total_step): use the declared defaults
+        defaults = {key: _declared_default(field) for key, field in fields.items()}
     options = []
     for key in fields:
         value = getattr(config, key)
-        if defaults is not None and getattr(defaults, key, object()) == value:
+        if key in defaults and defaults[key] == value:
             continue
         options.append(f"{key}={_plain(value)!r}")
     return f"{method.name}[{', '.join(options)}]" if options else method.name

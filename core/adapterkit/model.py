@@ -419,7 +419,7 @@ class Adapters:
             data = config_to_dict(adapter.config, self.registry)
             data["inference_mode"] = True
             if data.get("base_model_name_or_path") is None and "base_model_name_or_path" in data:
-                data["base_model_name_or_path"] = getattr(self.model, "name_or_path", None)
+                data["base_model_name_or_path"] = getattr(self.model, "name_or_path", None) or None
             files.write_adapter(
                 files.adapter_folder(directory, name),
                 config=data,

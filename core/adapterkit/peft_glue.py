@@ -28,10 +28,10 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from peft.utils.error import NoMatchingPeftModuleError
 from torch import nn
 
-from .errors import ConfigValueError, StateDictMismatchError, TargetError
+from .errors import ConfigValueError, PerSampleError, StateDictMismatchError, TargetError
 from .hookspecs import hookimpl
 
-__all__ = ["PeftMethod", "LayerSite"]
+__all__ = ["PeftMethod", "LayerSite", "check_rows", "replaced_forwards"]
 
 TAG = "_adapterkit_method"
 _UNSET = object()
@@ -73,6 +73,28 @@ def _has(layer: BaseTunerLayer, name: str) -> bool:
 
 def _is_empty(layer: BaseTunerLayer) -> bool:
     return not any(len(getattr(layer, attr, ())) for attr in layer.adapter_layer_names)
+
+
+def check_rows(rows: Sequence[str], batch: int) -> None:
+    """Raise :class:`PerSampleError` unless there is one row name per batch row."""
+    if batch != len(rows):
+        raise PerSampleError(
+            f"per_sample was given {len(rows)} row names but the batch has {batch} rows; "
+            "pass one adapter name (or '__base__') per row"
+        )
+
+
+@contextlib.contextmanager
+def replaced_forwards(layers: Sequence[nn.Module], make_forward: Any) -> Iterator[None]:
+    """Shadow each layer's ``forward`` with ``make_forward(layer)`` inside the block (per-sample routing)."""
+    try:
+        for layer in layers:
+            # An instance attribute shadows the class's forward for this layer only, until removed below.
+            layer.forward = make_forward(layer)
+        yield
+    finally:
+        for layer in layers:
+            layer.__dict__.pop("forward", None)
 
 
 class PeftMethod:
@@ -171,7 +193,8 @@ class PeftMethod:
     # -- injection ----------------------------------------------------------------
     @hookimpl
     def adapterkit_inject(self, model: nn.Module, method: str, name: str, config: Any, empty: bool) -> None:
-        previous = model.__dict__.get("peft_config", _UNSET)
+        # Hide an existing model.peft_config (e.g. transformers' mixin's): the tuner would find and extend it.
+        previous = model.__dict__.pop("peft_config", _UNSET)
         try:
             # The tuner wraps the targets in place; we keep the layers, not the tuner.
             self.tuner_type(model, config, adapter_name=name, low_cpu_mem_usage=empty)
@@ -183,9 +206,8 @@ class PeftMethod:
             raise ConfigValueError(f"{method} adapter {name!r}: {exc}") from None
         finally:
             # peft leaves model.peft_config behind; adapterkit keeps configs itself.
-            if previous is _UNSET:
-                model.__dict__.pop("peft_config", None)
-            else:
+            model.__dict__.pop("peft_config", None)
+            if previous is not _UNSET:
                 model.__dict__["peft_config"] = previous
         for module in model.modules():
             if isinstance(module, BaseTunerLayer) and not hasattr(module, TAG) and _has(module, name):
@@ -270,7 +292,8 @@ class PeftMethod:
     def adapterkit_unmerge(self, model: nn.Module, method: str, names: Sequence[str]) -> None:
         # The core unmerges all of a method's merged adapters at once, which is what layer.unmerge() does.
         for layer in self.layers(model):
-            layer.unmerge()
+            if layer.merged:
+                layer.unmerge()
 
     @hookimpl
     def adapterkit_delete(self, model: nn.Module, method: str, name: str) -> None:

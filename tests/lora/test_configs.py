@@ -64,15 +64,6 @@ def test_non_literal_value_names_key_and_value():
         parse_config("lora[target_modules=q_proj]")
 
 
-def test_unknown_method_is_a_key_error_with_install_hint():
-    with pytest.raises(UnknownMethodError) as info:
-        parse_config("ia3[target_modules=['k']]")
-    error = info.value
-    assert isinstance(error, KeyError)
-    assert "pip install adapterkit-ia3" in str(error)
-    assert "installed methods: " in str(error) and "lora" in str(error)
-
-
 def test_unknown_method_suggests_close_names():
     with pytest.raises(UnknownMethodError, match="Did you mean: lora"):
         parse_config("lorra[r=8]")
@@ -156,4 +147,7 @@ def test_config_to_dict_is_what_peft_saves(tmp_path):
     config.save_pretrained(tmp_path)
     import json
 
-    assert data == json.loads((tmp_path / "adapter_config.json").read_text())
+    saved = json.loads((tmp_path / "adapter_config.json").read_text())
+    # peft writes sets in hash order; adapterkit sorts them so files are reproducible.
+    assert data.pop("target_modules") == sorted(saved.pop("target_modules"))
+    assert data == saved

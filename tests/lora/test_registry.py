@@ -91,8 +91,10 @@ def test_a_registry_is_not_built_at_import():
     assert out.stdout.strip() == "0"
 
 
-@pytest.mark.parametrize("env", [{"ADAPTERKIT_PLUGINS": ""}, {"ADAPTERKIT_BLOCK_PLUGINS": "lora,other"}])
-def test_environment_restricts_plugins(env):
+@pytest.mark.parametrize("variable", ["ADAPTERKIT_PLUGINS", "ADAPTERKIT_BLOCK_PLUGINS"])
+def test_environment_restricts_plugins(variable):
+    installed = [m.plugin_name for m in adapterkit.available_methods().values()]
+    env = {variable: "" if variable == "ADAPTERKIT_PLUGINS" else ",".join([*installed, "not-installed"])}
     code = textwrap.dedent(
         """
         import adapterkit

@@ -6,8 +6,8 @@ import contextlib
 from collections.abc import Iterator, Sequence
 from typing import Any
 
-from adapterkit import PerSampleError, UnsupportedOperationError, hookimpl
-from adapterkit.peft_glue import PeftMethod
+from adapterkit import UnsupportedOperationError, hookimpl
+from adapterkit.peft_glue import PeftMethod, check_rows
 from peft import LoraConfig
 from peft.tuners.lora import LoraModel
 from torch import nn
@@ -33,12 +33,7 @@ class LoraMethod(PeftMethod):
             raise UnsupportedOperationError(f"per_sample does not support DoRA adapters ({dora}); peft cannot mix them")
 
         def route(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-            batch = len(args[0]) if args else len(next(iter(kwargs.values())))
-            if batch != len(rows):
-                raise PerSampleError(
-                    f"per_sample was given {len(rows)} row names but the batch has {batch} rows; "
-                    "pass one adapter name (or '__base__') per row"
-                )
+            check_rows(rows, len(args[0]) if args else len(next(iter(kwargs.values()))))
             return args, {**kwargs, "adapter_names": rows}
 
         handles = [layer.register_forward_pre_hook(route, with_kwargs=True) for layer in self.layers(model)]
