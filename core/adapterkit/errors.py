@@ -24,6 +24,7 @@ __all__ = [
     "CheckpointError",
     "CheckpointNotFoundError",
     "UnsafeCheckpointError",
+    "CheckpointExistsError",
     "StateDictMismatchError",
     "HubAccessError",
     "AdapterStateError",
@@ -92,6 +93,10 @@ class CheckpointError(AdapterkitError, ValueError):
 
 class CheckpointNotFoundError(CheckpointError, FileNotFoundError):
     """The adapter folder, repository, revision or file does not exist."""
+
+
+class CheckpointExistsError(CheckpointError, FileExistsError):
+    """The save target already holds an adapter and ``overwrite=True`` was not given."""
 
 
 class UnsafeCheckpointError(CheckpointError):

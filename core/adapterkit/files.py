@@ -206,21 +206,38 @@ def strip_prefix(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tens
     return {key.removeprefix(PEFT_PREFIX): value for key, value in state_dict.items()}
 
 
-def write_adapter(directory: Path, *, config: dict[str, Any], tensors: Mapping[str, torch.Tensor], method: Any) -> None:
-    """Write ``adapter_config.json`` and ``adapter_model.safetensors`` into ``directory``.
+def holds_adapter(directory: Path) -> bool:
+    """Whether ``directory`` already holds adapter files."""
+    return any((directory / name).exists() for name in (CONFIG_NAME, WEIGHTS_NAME, PICKLE_WEIGHTS_NAME))
 
-    Both files are written to a temporary folder beside the target first and
-    then moved into place, so a crash never leaves a half-written file.
+
+def write_adapter(directory: Path, *, config: dict[str, Any], tensors: Mapping[str, torch.Tensor], method: Any) -> None:
+    """Write ``adapter_config.json`` and ``adapter_model.safetensors`` into ``directory``, crash-safely.
+
+    Both files are written in a temporary folder first. A new folder is then
+    renamed into place in one step. An existing folder (whose overwriting the
+    caller has allowed) is updated in an order that never shows a mix: the old
+    config goes first, then the new weights and the new config arrive, so a
+    crash midway leaves a folder with no config, which does not load, never one
+    that loads as the wrong adapter.
     """
-    directory.mkdir(parents=True, exist_ok=True)
     metadata = {"format": "pt", METHOD_KEY: method.name}
     if method.distribution:
         metadata[DISTRIBUTION_KEY] = method.distribution
-    tmp = Path(tempfile.mkdtemp(prefix=".adapterkit-", dir=directory))
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.adapterkit-", dir=directory.parent))
     try:
         contiguous = {key: value.detach().contiguous() for key, value in tensors.items()}
         save_file(contiguous, tmp / WEIGHTS_NAME, metadata=metadata)
         (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True), encoding="utf-8")
+        for path in (tmp / WEIGHTS_NAME, tmp / CONFIG_NAME):
+            with open(path, "rb") as f:
+                os.fsync(f.fileno())
+        if not directory.exists():
+            os.rename(tmp, directory)
+            return
+        (directory / CONFIG_NAME).unlink(missing_ok=True)
+        (directory / PICKLE_WEIGHTS_NAME).unlink(missing_ok=True)
         os.replace(tmp / WEIGHTS_NAME, directory / WEIGHTS_NAME)
         os.replace(tmp / CONFIG_NAME, directory / CONFIG_NAME)
     finally:

@@ -26,6 +26,7 @@ from .errors import (
     AdapterNameError,
     AdapterStateError,
     CheckpointError,
+    CheckpointExistsError,
     NoAdaptersError,
     UnknownAdapterError,
     UnsupportedOperationError,
@@ -411,9 +412,20 @@ class Adapters:
         tensors = self._call(adapter.method, "adapterkit_extract_state", name=name)
         return {prefix + key: value for key, value in tensors.items()}
 
-    def save(self, directory: str | PathLike[str], names: str | Sequence[str] | None = None) -> None:
-        """Save adapters in peft's format: ``default`` in ``directory``, each other one in ``directory/<name>``."""
+    def save(
+        self, directory: str | PathLike[str], names: str | Sequence[str] | None = None, *, overwrite: bool = False
+    ) -> None:
+        """Save adapters in peft's format: ``default`` in ``directory``, each other one in ``directory/<name>``.
+
+        Each adapter folder is written crash-safely (see :func:`adapterkit.files.write_adapter`).
+        A folder that already holds an adapter is replaced only with ``overwrite=True``;
+        otherwise :class:`CheckpointExistsError` is raised before anything is written.
+        """
         items = self._names_list(self.names if names is None else names, "save")
+        if not overwrite:
+            taken = [str(files.adapter_folder(directory, n)) for n in items if files.holds_adapter(files.adapter_folder(directory, n))]
+            if taken:
+                raise CheckpointExistsError(f"{taken} already hold an adapter; pass overwrite=True to replace them")
         for name in items:
             adapter = self._adapters[name]
             data = config_to_dict(adapter.config, self.registry)

@@ -229,3 +229,26 @@ def test_loading_creates_adapter_weights_on_meta_then_assigns_file_tensors(llama
     assert not any(p.is_meta for p in llama.parameters())
     expected = adapterkit.attach(source).state_dict()
     assert all(torch.equal(v, expected[k]) for k, v in adapters.state_dict().items())
+
+
+def test_save_refuses_to_overwrite_unless_asked(llama, tmp_path):
+    adapters = adapterkit.attach(llama)
+    adapters.add(SPEC, "default")
+    adapters.add(SPEC, "other")
+    adapters.save(tmp_path)
+    first = (tmp_path / "adapter_model.safetensors").read_bytes()
+    with torch.no_grad():
+        for name, param in llama.named_parameters():
+            if ".default." in name:
+                param.add_(1.0)
+    with pytest.raises(adapterkit.CheckpointExistsError, match="overwrite=True") as info:
+        adapters.save(tmp_path)
+    assert isinstance(info.value, FileExistsError)
+    assert (tmp_path / "adapter_model.safetensors").read_bytes() == first
+    adapters.save(tmp_path, overwrite=True)
+    assert (tmp_path / "adapter_model.safetensors").read_bytes() != first
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter_config.json", "adapter_model.safetensors", "other"]
+    fresh = make_llama()
+    adapterkit.attach(fresh).load(tmp_path)
+    adapters.set_active("default")
+    assert torch.equal(run(fresh, llama_input()), run(llama, llama_input()))
