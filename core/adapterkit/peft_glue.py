@@ -34,6 +34,7 @@ from .hookspecs import hookimpl
 __all__ = ["PeftMethod", "LayerSite", "check_rows", "replaced_forwards"]
 
 TAG = "_adapterkit_method"
+_CACHE = "_adapterkit_peft_layers"  # model attribute: {method: [layers]}, {(method, "trainable"): set}
 _UNSET = object()
 
 
@@ -145,11 +146,19 @@ class PeftMethod:
         found.sort(key=lambda site: site.logical)
         return found
 
-    def layers(self, model: nn.Module) -> Iterator[BaseTunerLayer]:
-        """This method's layers in ``model``."""
-        for module in model.modules():
-            if getattr(module, TAG, None) == self.name:
-                yield module  # type: ignore[misc]
+    def layers(self, model: nn.Module) -> list[BaseTunerLayer]:
+        """This method's layers in ``model`` (cached on the model; inject and delete refresh it)."""
+        cache = model.__dict__.setdefault(_CACHE, {})
+        found = cache.get(self.name)
+        if found is None:
+            found = cache[self.name] = [m for m in model.modules() if getattr(m, TAG, None) == self.name]
+        return found
+
+    def forget(self, model: nn.Module) -> None:
+        """Drop what :meth:`layers` and :meth:`adapterkit_set_active` remember: the layers changed."""
+        cache = model.__dict__.get(_CACHE, {})
+        cache.pop(self.name, None)
+        cache.pop((self.name, "trainable"), None)
 
     # -- registration and configs -----------------------------------------------
     @hookimpl
@@ -193,6 +202,11 @@ class PeftMethod:
     # -- injection ----------------------------------------------------------------
     @hookimpl
     def adapterkit_inject(self, model: nn.Module, method: str, name: str, config: Any, empty: bool) -> None:
+        # peft's tuner retouches layers and the requires_grad of every method's adapters
+        cache = model.__dict__.get(_CACHE, {})
+        for key in [k for k in cache if isinstance(k, tuple)]:
+            del cache[key]
+        self.forget(model)
         # Hide an existing model.peft_config (e.g. transformers' mixin's): the tuner would find and extend it.
         previous = model.__dict__.pop("peft_config", _UNSET)
         try:
@@ -212,26 +226,39 @@ class PeftMethod:
         for module in model.modules():
             if isinstance(module, BaseTunerLayer) and not hasattr(module, TAG) and _has(module, name):
                 setattr(module, TAG, self.name)
+        self.forget(model)
 
     # -- activity -------------------------------------------------------------------
     @hookimpl
     def adapterkit_set_active(self, model: nn.Module, method: str, names: Sequence[str], trainable: Sequence[str]) -> None:
-        names, trainable = list(names), set(trainable)
+        names, wanted = list(names), set(trainable)
+        cache = model.__dict__.setdefault(_CACHE, {})
+        previous = cache.get((self.name, "trainable"))
+        # Only adapters whose trainability changes are touched: switching among
+        # frozen adapters costs the same with 2 or 100 of them loaded.
+        changed = None if previous is None else previous ^ wanted
         for layer in self.layers(model):
             layer._active_adapter = names
             for attr in layer.adapter_layer_names:
-                for key, item in getattr(layer, attr, {}).items():
-                    item.requires_grad_(key in trainable)
+                container = getattr(layer, attr, None)
+                if not container:
+                    continue
+                keys = container.keys() if changed is None else [k for k in changed if k in container]
+                for key in keys:
+                    container[key].requires_grad_(key in wanted)
+        cache[(self.name, "trainable")] = wanted
 
     @hookimpl
     def adapterkit_enable(self, model: nn.Module, method: str) -> None:
         for layer in self.layers(model):
             layer.enable_adapters(True)
+        model.__dict__.get(_CACHE, {}).pop((self.name, "trainable"), None)  # peft changed requires_grad
 
     @hookimpl
     def adapterkit_disable(self, model: nn.Module, method: str) -> None:
         for layer in self.layers(model):
             layer.enable_adapters(False)
+        model.__dict__.get(_CACHE, {}).pop((self.name, "trainable"), None)
 
     # -- state ------------------------------------------------------------------------
     def file_key(self, suffix: str) -> str:
@@ -279,6 +306,7 @@ class PeftMethod:
             layers[id(site.layer)] = site.layer
         for layer in layers.values():
             layer._move_adapter_to_device_of_base_layer(name)
+        model.__dict__.get(_CACHE, {}).pop((self.name, "trainable"), None)  # new parameter objects
 
     # -- merging and deleting ---------------------------------------------------------
     @hookimpl
@@ -305,3 +333,4 @@ class PeftMethod:
             if _is_empty(site.layer):
                 # Unwrap: put back the module this layer replaced.
                 setattr(site.parent, site.attr, site.layer.base_layer)
+        self.forget(model)

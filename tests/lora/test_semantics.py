@@ -206,8 +206,6 @@ def test_mixin_offers_the_transformers_names(tmp_path):
     assert torch.equal(run(model, x), default_out)
     model.load_adapter(adapter_name="from_state", peft_config=spec, adapter_state_dict=state)
     assert torch.equal(run(model, x), default_out)
-    with pytest.raises(adapterkit.UnsupportedOperationError, match="dispatch plugin"):
-        model.load_adapter(str(tmp_path), adapter_name="placed", device_map="auto")
     assert isinstance(model, nn.Module)
 
 
@@ -252,3 +250,34 @@ def test_save_refuses_to_overwrite_unless_asked(llama, tmp_path):
     adapterkit.attach(fresh).load(tmp_path)
     adapters.set_active("default")
     assert torch.equal(run(fresh, llama_input()), run(llama, llama_input()))
+
+
+def test_requires_grad_follows_the_rule_through_any_sequence(llama, tmp_path):
+    """requires_grad == trainable and active and enabled, after every operation (set_active only touches changes)."""
+    adapters = adapterkit.attach(llama)
+    adapters.add(SPEC, "t1")
+    adapters.save(tmp_path)
+    adapters.add(SPEC, "t2")
+    adapters.load(tmp_path / "t1", "f1")
+    trainable = {"t1", "t2"}
+
+    def check():
+        for name, param in llama.named_parameters():
+            owner = next((n for n in adapters.names if f".{n}." in name), None)
+            expected = owner is not None and owner in trainable and owner in adapters.active and adapters.enabled
+            assert param.requires_grad == expected, (name, adapters.active, adapters.enabled)
+
+    for step in (["t1"], ["t1", "f1"], [], ["t2", "t1"], ["f1"], ["t1", "t2", "f1"]):
+        adapters.set_active(step)
+        check()
+    adapters.disable()
+    check()
+    adapters.set_active(["t2"])
+    check()
+    adapters.enable()
+    check()
+    adapters.delete("t2")
+    trainable.discard("t2")
+    check()
+    adapters.set_active(["t1", "f1"])
+    check()

@@ -34,3 +34,16 @@ def test_a_model_with_lora_reports_the_missing_method_and_stays_usable():
     with pytest.raises(UnknownMethodError, match="pip install adapterkit-adalora"):
         adapters.add("adalora[total_step=10, target_modules=['head']]", "other")
     before.assert_same(model, x)
+
+
+def test_device_map_without_the_dispatch_plugin_names_it(tmp_path):
+    from conftest import Fingerprint, make_mlp, mlp_input
+
+    source = make_mlp()
+    adapterkit.attach(source).add("lora[target_modules=['head']]")
+    adapterkit.attach(source).save(tmp_path)
+    model, x = make_mlp(), mlp_input()
+    before = Fingerprint(model, x)
+    with pytest.raises(adapterkit.UnsupportedOperationError, match="pip install adapterkit-dispatch"):
+        adapterkit.attach(model).load(tmp_path, device_map="auto")
+    before.assert_same(model, x)

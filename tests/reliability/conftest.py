@@ -1,0 +1,70 @@
+"""Fixtures of the reliability suite: the fake Hub (tests/lora/hub_server.py) and the shared model helpers.
+
+Why this file re-exports ``tests/conftest.py``: test modules across the suite do
+``from conftest import make_llama, ...``. conftest files outside packages are all
+imported under the one module name ``conftest``, and pytest (which loads this
+file at start-up whenever ``tests/reliability`` is named on the command line)
+leaves the last one in ``sys.modules``. Exporting the shared helpers here too
+keeps ``from conftest import ...`` working in every test folder whatever order
+the folders are given in.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+import types
+from pathlib import Path
+
+import pytest
+
+TESTS = Path(__file__).resolve().parent.parent
+if str(TESTS / "lora") not in sys.path:
+    sys.path.insert(0, str(TESTS / "lora"))  # hub_server
+
+
+def _load_shared() -> types.ModuleType:
+    spec = importlib.util.spec_from_file_location("_adapterkit_tests_shared_conftest", TESTS / "conftest.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+_shared = _load_shared()
+Fingerprint = _shared.Fingerprint
+MLP = _shared.MLP
+TINY_LLAMA = _shared.TINY_LLAMA
+llama_input = _shared.llama_input
+make_llama = _shared.make_llama
+make_mlp = _shared.make_mlp
+mlp_input = _shared.mlp_input
+run = _shared.run
+llama = _shared.llama
+mlp = _shared.mlp
+
+from hub_server import FakeHub  # noqa: E402  (needs the sys.path entry above)
+
+
+@pytest.fixture
+def hub(monkeypatch: pytest.MonkeyPatch, tmp_path: Path):
+    """A running FakeHub that huggingface_hub uses as the Hub (as in tests/lora/test_hub.py): no token, online."""
+    from huggingface_hub import constants, file_download
+
+    with FakeHub() as server:
+        monkeypatch.setattr(constants, "ENDPOINT", server.url)
+        monkeypatch.setattr(
+            constants, "HUGGINGFACE_CO_URL_TEMPLATE", server.url + "/{repo_id}/resolve/{revision}/{filename}"
+        )
+        monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+        monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", True)
+        monkeypatch.setattr(constants, "HF_HUB_DISABLE_TELEMETRY", True)
+        monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "default-hub-cache"))
+        monkeypatch.setattr(constants, "HF_TOKEN_PATH", str(tmp_path / "no-token-here"))
+        for name in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_OIDC_RESOURCE", "HF_HUB_OFFLINE", "HF_ENDPOINT"):
+            monkeypatch.delenv(name, raising=False)
+        # http_get sleeps before resuming a cut download; the tests need no pause.
+        monkeypatch.setattr(file_download, "time", types.SimpleNamespace(sleep=lambda seconds: None))
+        yield server
+    assert server.errors == [], "the fake Hub crashed while serving"
+    assert server.unhandled == [], "huggingface_hub used endpoints the fake Hub does not implement"
