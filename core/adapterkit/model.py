@@ -27,6 +27,7 @@ from .errors import (
     AdapterStateError,
     CheckpointError,
     CheckpointExistsError,
+    ConfigValueError,
     NoAdaptersError,
     UnknownAdapterError,
     UnsupportedOperationError,
@@ -245,7 +246,7 @@ class Adapters:
         """
         placement = {"max_memory": max_memory, "offload_folder": offload_folder, "offload_index": offload_index}
         if device_map is None and any(v is not None for v in placement.values()):
-            raise AdapterStateError(f"{[k for k, v in placement.items() if v is not None]} need device_map=")
+            raise ConfigValueError(f"{[k for k, v in placement.items() if v is not None]} take effect only with device_map=")
         if device_map is not None:
             self._dispatcher()  # fail before loading when no dispatch plugin is installed
         name = DEFAULT_NAME if name is None else name

@@ -46,6 +46,18 @@ mlp = _shared.mlp
 from hub_server import FakeHub  # noqa: E402  (needs the sys.path entry above)
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_torch_thread():
+    """The models here are tiny: one intra-op thread is fastest, and on a shared machine far faster
+    (spinning thread pools turn a 2 ms forward into most of a second). Restored afterwards."""
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 @pytest.fixture
 def hub(monkeypatch: pytest.MonkeyPatch, tmp_path: Path):
     """A running FakeHub that huggingface_hub uses as the Hub (as in tests/lora/test_hub.py): no token, online."""
