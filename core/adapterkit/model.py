@@ -274,7 +274,13 @@ class Adapters:
         tensors = files.strip_prefix(state_dict)
         self._attach(name, method, config, state_dict=tensors, trainable=is_trainable)
         if device_map is not None:
-            self.dispatch(device_map, **placement)
+            try:
+                self.dispatch(device_map, **placement)
+            except BaseException:
+                # The dispatch plugin checks before it changes anything: drop the adapter, as a failed load does.
+                with contextlib.suppress(Exception):
+                    self.delete(name)
+                raise
         return name
 
     def _dispatcher(self) -> Any:
@@ -537,6 +543,8 @@ def attach(model: nn.Module, registry: MethodRegistry | None = None) -> Adapters
     """Return the :class:`Adapters` of ``model``, creating it on first use; the same object every time."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"attach() takes a torch.nn.Module, got {type(model).__name__}")
+    if isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
+        model = model.module  # the adapters belong to the wrapped model, not to the wrapper
     handle = model.__dict__.get(_HANDLE_ATTR)
     if handle is None:
         handle = Adapters(model, registry)

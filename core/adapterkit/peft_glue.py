@@ -28,7 +28,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from peft.utils.error import NoMatchingPeftModuleError
 from torch import nn
 
-from .errors import ConfigValueError, PerSampleError, StateDictMismatchError, TargetError
+from .errors import ConfigValueError, PerSampleError, StateDictMismatchError, TargetError, UnsupportedOperationError
 from .hookspecs import hookimpl
 
 __all__ = ["PeftMethod", "LayerSite", "check_rows", "replaced_forwards"]
@@ -76,6 +76,12 @@ def _is_empty(layer: BaseTunerLayer) -> bool:
     return not any(len(getattr(layer, attr, ())) for attr in layer.adapter_layer_names)
 
 
+def _offloaded(layer: BaseTunerLayer) -> bool:
+    """Whether the layer's base weight is on the meta device (offloaded to CPU or disk by accelerate)."""
+    weight = getattr(layer.get_base_layer(), "weight", None)
+    return isinstance(weight, torch.Tensor) and weight.is_meta
+
+
 def check_rows(rows: Sequence[str], batch: int) -> None:
     """Raise :class:`PerSampleError` unless there is one row name per batch row."""
     if batch != len(rows):
@@ -87,15 +93,27 @@ def check_rows(rows: Sequence[str], batch: int) -> None:
 
 @contextlib.contextmanager
 def replaced_forwards(layers: Sequence[nn.Module], make_forward: Any) -> Iterator[None]:
-    """Shadow each layer's ``forward`` with ``make_forward(layer)`` inside the block (per-sample routing)."""
+    """Shadow each layer's ``forward`` with ``make_forward(layer)`` inside the block (per-sample routing).
+
+    A layer hooked by accelerate keeps its own forward as ``_old_forward`` and
+    calls it between the hook's pre- and post-forward (which load offloaded
+    weights): that one is replaced, so the hook still runs, and whatever was
+    there before is put back on exit.
+    """
+    replaced: list[tuple[nn.Module, str, Any]] = []
     try:
         for layer in layers:
-            # An instance attribute shadows the class's forward for this layer only, until removed below.
-            layer.forward = make_forward(layer)
+            attr = "_old_forward" if "_old_forward" in layer.__dict__ else "forward"
+            replaced.append((layer, attr, layer.__dict__.get(attr, _UNSET)))
+            # An instance attribute shadows the class's forward for this layer only, until restored below.
+            layer.__dict__[attr] = make_forward(layer)
         yield
     finally:
-        for layer in layers:
-            layer.__dict__.pop("forward", None)
+        for layer, attr, previous in reversed(replaced):
+            if previous is _UNSET:
+                layer.__dict__.pop(attr, None)
+            else:
+                layer.__dict__[attr] = previous
 
 
 class PeftMethod:
@@ -305,12 +323,21 @@ class PeftMethod:
                 setattr(owner, leaf, param)
             layers[id(site.layer)] = site.layer
         for layer in layers.values():
-            layer._move_adapter_to_device_of_base_layer(name)
+            # A base layer offloaded by accelerate has its weight on the meta device; moving the
+            # adapter there would drop the file's tensors. Keep them on the CPU, in the layer's
+            # dtype, for the dispatch plugin to offload with the layer.
+            layer._move_adapter_to_device_of_base_layer(name, device=torch.device("cpu") if _offloaded(layer) else None)
         model.__dict__.get(_CACHE, {}).pop((self.name, "trainable"), None)  # new parameter objects
 
     # -- merging and deleting ---------------------------------------------------------
     @hookimpl
     def adapterkit_merge(self, model: nn.Module, method: str, names: Sequence[str]) -> None:
+        offloaded = [site.logical for n in names for site in self.sites(model, n) if _offloaded(site.layer)]
+        if offloaded:
+            raise UnsupportedOperationError(
+                f"cannot merge into layers offloaded by accelerate (weights on the meta device): {sorted(set(offloaded))[:5]}; "
+                "merge before dispatching, or dispatch the model to one device first"
+            )
         for layer in self.layers(model):
             present = [n for n in names if _has(layer, n)]
             if present:
