@@ -5,10 +5,12 @@ whose names match the specs below, registered through the ``adapterkit``
 entry-point group. The core calls the hooks with keyword arguments only, so a
 spec can gain arguments without breaking existing plugins.
 
-Two kinds of hooks:
+Three kinds of hooks:
 
 * :func:`adapterkit_register_methods` is called on every plugin once, when the
   registry is built. Through it a plugin declares the adapter methods it provides.
+* :func:`adapterkit_dispatch` is a *model-level* hook: it places the whole
+  model on devices, and the first plugin that returns non-``None`` wins.
 * Every other hook is a *per-method* hook. The core calls it on exactly one
   plugin: the one that registered the adapter's method (``method`` argument), so
   a model may carry adapters of several methods side by side. A plugin that

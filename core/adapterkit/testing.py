@@ -14,8 +14,9 @@ The default model is :class:`ContractModel`, a plain ``nn.Module`` with
 ``Linear`` layers ``embed``, ``fc1``, ``fc2`` and ``head``; override
 :meth:`MethodContract.make_model` and :meth:`MethodContract.make_input` to use
 another. Override :attr:`MethodContract.registry` (a callable returning a
-:class:`~adapterkit.MethodRegistry`) to test a plugin registered in-process
-rather than through its entry point.
+:class:`~adapterkit.MethodRegistry`, the same one every time, e.g. wrapped in
+``functools.cache``) to test a plugin registered in-process rather than
+through its entry point.
 
 The contract exercises: config strings (parse, format round trip), inject
 (outputs change, untargeted modules untouched, only adapter parameters
@@ -46,8 +47,8 @@ from . import (
     attach,
     default_registry,
     format_config,
-    parse_config,
 )
+from .configs import resolve_config
 
 __all__ = ["ContractModel", "MethodContract", "model_fingerprint"]
 
@@ -113,6 +114,10 @@ class MethodContract:
     def _registry(self) -> MethodRegistry:
         return type(self).registry()
 
+    def parse(self, spec: Any) -> Any:
+        """``spec`` (a config string, dict or object) as a config object of a method of :attr:`registry`."""
+        return resolve_config(spec, self._registry())[1]
+
     def attach(self, model: nn.Module) -> Adapters:
         return attach(model, self._registry())
 
@@ -139,10 +144,10 @@ class MethodContract:
 
     # -- the contract ------------------------------------------------------------------
     def test_config_string_resolves_to_the_method(self) -> None:
-        method = self._registry().method_for_config(parse_config(self.config))
+        method = self._registry().method_for_config(self.parse(self.config))
         assert method.name in self._registry().methods
-        config = parse_config(self.config)
-        assert parse_config(format_config(config, self._registry())) == config
+        config = self.parse(self.config)
+        assert self.parse(format_config(config, self._registry())) == config
 
     def test_inject_changes_only_the_targets(self) -> None:
         model, x = self.make_model(), self.make_input()
@@ -279,7 +284,7 @@ class MethodContract:
         before = model_fingerprint(model, x)
         bad = self.bad_targets_config
         if bad is None:
-            config = copy.deepcopy(parse_config(self.config))
+            config = copy.deepcopy(self.parse(self.config))
             config.target_modules = ["no_such_module"]
             if hasattr(config, "feedforward_modules") and config.feedforward_modules:
                 config.feedforward_modules = ["no_such_module"]

@@ -1,0 +1,123 @@
+"""The modules: one :class:`Bottleneck` per adapter, inside a :class:`BottleneckLayer` wrapping a ``Linear``."""
+
+from __future__ import annotations
+
+import torch
+from adapterkit import PerSampleError
+from torch import nn
+
+from .config import BottleneckConfig
+
+__all__ = ["Bottleneck", "BottleneckLayer", "make_activation"]
+
+
+def make_activation(name: str) -> nn.Module:
+    """The activation module for a config's ``nonlinearity``."""
+    return {"relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU, "tanh": nn.Tanh, "identity": nn.Identity}[name]()
+
+
+class Bottleneck(nn.Module):
+    """One adapter: ``scaling * up(act(down(dropout(src))))``.
+
+    Its parameters are ``down.weight``, ``down.bias``, ``up.weight`` and
+    ``up.bias``; these names, after the layer's path and ``bottleneck.``, are
+    the checkpoint keys.
+    """
+
+    def __init__(
+        self,
+        features_in: int,
+        features_out: int,
+        config: BottleneckConfig,
+        *,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        self.placement = config.placement
+        self.scaling = config.scaling
+        self.dropout = nn.Dropout(config.dropout) if config.dropout else nn.Identity()
+        self.down = nn.Linear(features_in, config.bottleneck_dim, bias=config.bias, device=device, dtype=dtype)
+        self.act = make_activation(config.nonlinearity)
+        self.up = nn.Linear(config.bottleneck_dim, features_out, bias=config.bias, device=device, dtype=dtype)
+
+    def initialise(self, init: str) -> None:
+        """Apply the config's ``init``; ``nn.Linear`` has already initialised both projections randomly."""
+        if init == "zeros":
+            nn.init.zeros_(self.up.weight)
+            if self.up.bias is not None:
+                nn.init.zeros_(self.up.bias)
+
+    def forward(self, src: torch.Tensor) -> torch.Tensor:
+        dtype = self.down.weight.dtype
+        return self.up(self.act(self.down(self.dropout(src.to(dtype))))) * self.scaling
+
+
+class BottleneckLayer(nn.Module):
+    """Wraps a ``Linear`` (``base_layer``) and adds the deltas of its active adapters to its output.
+
+    Several active adapters add up: each delta is computed from the base layer's
+    output (or input, for ``placement="parallel"``), never from another
+    adapter's result. The attribute is called ``base_layer``, as in peft, so
+    other methods' wrappers and tools that look for ``base_layer`` find the
+    original module.
+    """
+
+    def __init__(self, base_layer: nn.Linear) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        self.bottleneck = nn.ModuleDict()  # adapter name -> Bottleneck
+        self.active: list[str] = []
+        self.enabled = True
+        self.rows: list[str] | None = None  # set while Adapters.per_sample() routes rows
+
+    # The wrapped layer's attributes, for code that reads them through the wrapper.
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.base_layer.weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return self.base_layer.bias
+
+    @property
+    def in_features(self) -> int:
+        return self.base_layer.in_features
+
+    @property
+    def out_features(self) -> int:
+        return self.base_layer.out_features
+
+    def _source(self, adapter: Bottleneck, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        return out if adapter.placement == "sequential" else x
+
+    def forward(self, x: torch.Tensor, *args: object, **kwargs: object) -> torch.Tensor:
+        out = self.base_layer(x, *args, **kwargs)
+        if not self.enabled:
+            return out
+        if self.rows is not None:
+            return self._forward_rows(x, out, self.rows)
+        result = out
+        for name in self.active:
+            adapter = self.bottleneck[name]
+            result = result + adapter(self._source(adapter, x, out)).to(out.dtype)
+        return result
+
+    def _forward_rows(self, x: torch.Tensor, out: torch.Tensor, rows: list[str]) -> torch.Tensor:
+        if out.shape[0] != len(rows):
+            raise PerSampleError(
+                f"per_sample was given {len(rows)} row names but the batch has {out.shape[0]} rows; "
+                "pass one adapter name (or '__base__') per row"
+            )
+        result = out
+        for name in dict.fromkeys(rows):
+            if name not in self.bottleneck:
+                continue  # "__base__", another method's adapter, or one of ours that does not adapt this layer
+            adapter = self.bottleneck[name]
+            index = torch.tensor([i for i, row in enumerate(rows) if row == name], device=out.device)
+            delta = adapter(self._source(adapter, x, out).index_select(0, index)).to(out.dtype)
+            result = result.index_add(0, index, delta)
+        return result
+
+    def extra_repr(self) -> str:
+        return f"active={self.active}, enabled={self.enabled}"

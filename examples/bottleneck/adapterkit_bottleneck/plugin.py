@@ -1,0 +1,332 @@
+"""The adapterkit hooks of the bottleneck method.
+
+Everything here uses the public contract only: :data:`adapterkit.hookimpl`,
+the hook names of :mod:`adapterkit.hookspecs`, and adapterkit's errors.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import re
+import warnings
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+import torch
+from adapterkit import (
+    AdapterNameError,
+    ConfigValueError,
+    StateDictMismatchError,
+    TargetError,
+    hookimpl,
+)
+from torch import nn
+
+from .config import INITS, NONLINEARITIES, PLACEMENTS, BottleneckConfig
+from .layer import Bottleneck, BottleneckLayer
+
+__all__ = ["BottleneckPlugin", "Site"]
+
+# Keys of a saved adapter_config.json that are bookkeeping, not config fields.
+_BOOKKEEPING = {"peft_type", "peft_version", "inference_mode", "task_type", "revision", "auto_mapping"}
+
+
+@dataclasses.dataclass(frozen=True)
+class Site:
+    """A :class:`BottleneckLayer` in a model: where it hangs (``parent.attr``) and its logical path."""
+
+    logical: str
+    parent: nn.Module
+    attr: str
+    layer: BottleneckLayer
+
+
+# --8<-- [start:walk]
+def _is_wrapper(module: nn.Module) -> bool:
+    # peft's tuner layers and our BottleneckLayer keep the module they replace as `base_layer`.
+    return isinstance(module._modules.get("base_layer"), nn.Module)
+
+
+def _walk(module: nn.Module, path: str = "") -> Iterator[tuple[str, nn.Module, nn.Module | None, str]]:
+    """Yield ``(logical path, module, parent, attribute)`` for the model's own modules.
+
+    The logical path leaves out the ``base_layer`` hops of wrappers, so a layer
+    has the same path whatever adapters (of any method) wrap it. Inside a
+    wrapper only ``base_layer`` is followed: the adapter modules next to it are
+    not layers of the model.
+    """
+    stack: list[tuple[str, nn.Module, nn.Module | None, str]] = [(path, module, None, "")]
+    while stack:
+        logical, current, parent, attr = stack.pop()
+        yield logical, current, parent, attr
+        if _is_wrapper(current):
+            children = [("base_layer", current._modules["base_layer"])]
+        else:
+            children = [(a, c) for a, c in current._modules.items() if c is not None]
+        for child_attr, child in reversed(children):
+            if child_attr == "base_layer" and _is_wrapper(current):
+                child_path = logical
+            else:
+                child_path = f"{logical}.{child_attr}" if logical else child_attr
+            stack.append((child_path, child, current, child_attr))
+
+
+def _matches(logical: str, targets: list[str] | str) -> bool:
+    if isinstance(targets, str):
+        return re.fullmatch(targets, logical) is not None
+    return any(logical == t or logical.endswith(f".{t}") for t in targets)
+
+
+# --8<-- [end:walk]
+
+
+class BottleneckPlugin:
+    """The ``bottleneck`` adapter method. One instance is the plugin (``adapterkit_bottleneck:plugin``)."""
+
+    name = "bottleneck"
+
+    # -- finding our layers ---------------------------------------------------------------
+    # --8<-- [start:targets]
+    def sites(self, model: nn.Module, name: str | None = None) -> list[Site]:
+        """Our layers in ``model`` (those holding adapter ``name``, if given), by logical path."""
+        found = [
+            Site(logical, parent, attr, module)
+            for logical, module, parent, attr in _walk(model)
+            if isinstance(module, BottleneckLayer)
+            and parent is not None
+            and (name is None or name in module.bottleneck)
+        ]
+        return sorted(found, key=lambda site: site.logical)
+
+    def _targets(
+        self, model: nn.Module, method: str, name: str, config: BottleneckConfig
+    ) -> list[tuple[nn.Module, str, nn.Module]]:
+        """``(parent, attr, module)`` for each targeted layer: a ``Linear`` to wrap, or our layer to extend."""
+        matched: dict[str, tuple[nn.Module, str, nn.Module]] = {}
+        for logical, module, parent, attr in _walk(model):
+            # The outermost module of a logical path comes first; the modules it wraps share its path.
+            if parent is None or logical in matched or not _matches(logical, config.target_modules):
+                continue
+            # Descend through other methods' wrappers to our layer or to the Linear itself.
+            while not isinstance(module, BottleneckLayer) and _is_wrapper(module):
+                parent, attr, module = module, "base_layer", module._modules["base_layer"]
+            if not isinstance(module, (BottleneckLayer, nn.Linear)):
+                raise TargetError(
+                    f"{method} adapter {name!r}: target {logical!r} is a {type(module).__name__}; "
+                    "bottleneck adapters wrap nn.Linear layers only. Name the Linear layers inside it."
+                )
+            matched[logical] = (parent, attr, module)
+        if not matched:
+            linears = sorted({logical for logical, m, _, _ in _walk(model) if isinstance(m, nn.Linear)})
+            shown = ", ".join(linears[:8]) + (f" (+{len(linears) - 8} more)" if len(linears) > 8 else "")
+            raise TargetError(
+                f"{method} adapter {name!r}: target_modules={config.target_modules!r} match no module of "
+                f"{type(model).__name__}; its Linear layers are: {shown or 'none'}"
+            )
+        return list(matched.values())
+
+    # --8<-- [end:targets]
+
+    # -- registration and configs -----------------------------------------------------------
+    # --8<-- [start:register]
+    @hookimpl
+    def adapterkit_register_methods(self, register: Callable[..., None]) -> None:
+        register(
+            self.name,
+            BottleneckConfig,
+            description="Bottleneck adapters: down-projection, nonlinearity, up-projection, residual (native)",
+        )
+
+    # --8<-- [end:register]
+
+    # --8<-- [start:configs]
+    @hookimpl
+    def adapterkit_validate_config(self, method: str, config: BottleneckConfig) -> None:
+        def bad(key: str, fix: str) -> ConfigValueError:
+            return ConfigValueError(f"{method} config key {key!r}={getattr(config, key)!r}: {fix}")
+
+        targets = config.target_modules
+        if targets is None or (not isinstance(targets, str) and len(targets) == 0) or targets == "":
+            raise bad(
+                "target_modules", "name the Linear layers to adapt, e.g. target_modules=['fc1'] or ['q_proj', 'v_proj']"
+            )
+        if isinstance(targets, str):
+            try:
+                re.compile(targets)
+            except re.error as exc:
+                raise bad("target_modules", f"not a valid regular expression ({exc})") from None
+        if (
+            not isinstance(config.bottleneck_dim, int)
+            or isinstance(config.bottleneck_dim, bool)
+            or config.bottleneck_dim <= 0
+        ):
+            raise bad("bottleneck_dim", "must be a positive integer")
+        if config.nonlinearity not in NONLINEARITIES:
+            raise bad("nonlinearity", f"must be one of {', '.join(NONLINEARITIES)}")
+        if config.placement not in PLACEMENTS:
+            raise bad("placement", f"must be one of {', '.join(PLACEMENTS)}")
+        if config.init not in INITS:
+            raise bad("init", f"must be one of {', '.join(INITS)}")
+        if not 0.0 <= config.dropout < 1.0:
+            raise bad("dropout", "must be at least 0 and below 1")
+
+    @hookimpl
+    def adapterkit_config_to_dict(self, method: str, config: BottleneckConfig) -> dict[str, Any]:
+        data = dataclasses.asdict(config)
+        if isinstance(data["target_modules"], (list, tuple)):
+            data["target_modules"] = list(data["target_modules"])
+        data["peft_type"] = "BOTTLENECK"  # peft's key naming the method; adapterkit resolves it case-insensitively
+        return data
+
+    @hookimpl
+    def adapterkit_config_from_dict(self, method: str, data: dict[str, Any]) -> BottleneckConfig:
+        fields = {f.name for f in dataclasses.fields(BottleneckConfig)}
+        unknown = sorted(set(data) - fields - _BOOKKEEPING)
+        if unknown:
+            # Written by a newer version of this plugin: keep what we understand, say what we drop.
+            warnings.warn(f"ignoring {method} config keys unknown to this version: {unknown}", stacklevel=2)
+        return BottleneckConfig(**{key: value for key, value in data.items() if key in fields})
+
+    # --8<-- [end:configs]
+
+    # -- injection -----------------------------------------------------------------------------
+    # --8<-- [start:inject]
+    @hookimpl
+    def adapterkit_inject(
+        self, model: nn.Module, method: str, name: str, config: BottleneckConfig, empty: bool
+    ) -> None:
+        if hasattr(nn.ModuleDict(), name):  # "keys", "update", "training", ... cannot be ModuleDict keys
+            raise AdapterNameError(
+                f"{method}: adapter name {name!r} clashes with an nn.ModuleDict attribute; pick another"
+            )
+        for parent, attr, module in self._targets(model, method, name, config):
+            if isinstance(module, BottleneckLayer):
+                layer = module
+            else:
+                layer = BottleneckLayer(module)
+                setattr(parent, attr, layer)
+            base = layer.base_layer
+            dtype = base.weight.dtype if base.weight.dtype.is_floating_point else torch.float32
+            features_in = base.out_features if config.placement == "sequential" else base.in_features
+            # empty=True: weights are about to be loaded; create them on the meta device, uninitialised.
+            adapter = Bottleneck(
+                features_in, base.out_features, config, device="meta" if empty else base.weight.device, dtype=dtype
+            )
+            if not empty:
+                adapter.initialise(config.init)
+            layer.bottleneck[name] = adapter
+
+    # --8<-- [end:inject]
+
+    # -- activity ----------------------------------------------------------------------------------
+    # --8<-- [start:activity]
+    @hookimpl
+    def adapterkit_set_active(
+        self, model: nn.Module, method: str, names: Sequence[str], trainable: Sequence[str]
+    ) -> None:
+        for site in self.sites(model):
+            layer = site.layer
+            layer.active = [n for n in names if n in layer.bottleneck]
+            for key, adapter in layer.bottleneck.items():
+                adapter.requires_grad_(key in trainable)
+
+    @hookimpl
+    def adapterkit_enable(self, model: nn.Module, method: str) -> None:
+        for site in self.sites(model):
+            site.layer.enabled = True
+
+    @hookimpl
+    def adapterkit_disable(self, model: nn.Module, method: str) -> None:
+        for site in self.sites(model):
+            site.layer.enabled = False
+
+    # --8<-- [end:activity]
+
+    # -- state ------------------------------------------------------------------------------------------
+    # --8<-- [start:state]
+    def _expected(self, model: nn.Module, name: str) -> dict[str, tuple[BottleneckLayer, nn.Module, str]]:
+        """Checkpoint key -> (layer, module owning the parameter, parameter name), for adapter ``name``."""
+        expected = {}
+        for site in self.sites(model, name):
+            for param_name, _ in site.layer.bottleneck[name].named_parameters():
+                *path, leaf = param_name.split(".")
+                owner = site.layer.bottleneck[name].get_submodule(".".join(path))
+                expected[f"{site.logical}.bottleneck.{param_name}"] = (site.layer, owner, leaf)
+        return expected
+
+    @hookimpl
+    def adapterkit_extract_state(self, model: nn.Module, method: str, name: str) -> dict[str, torch.Tensor]:
+        return {key: getattr(owner, leaf).detach() for key, (_, owner, leaf) in self._expected(model, name).items()}
+
+    @hookimpl
+    def adapterkit_load_state(
+        self, model: nn.Module, method: str, name: str, state_dict: dict[str, torch.Tensor]
+    ) -> None:
+        expected = self._expected(model, name)
+        missing = sorted(set(expected) - set(state_dict))
+        unexpected = sorted(set(state_dict) - set(expected))
+        wrong = [
+            f"{key}: checkpoint {tuple(state_dict[key].shape)} vs adapter {tuple(getattr(owner, leaf).shape)}"
+            for key, (_, owner, leaf) in expected.items()
+            if key in state_dict and state_dict[key].shape != getattr(owner, leaf).shape
+        ]
+        if missing or unexpected or wrong:
+            parts = [
+                f"{label}: {', '.join(items[:5])}" + (f" (+{len(items) - 5} more)" if len(items) > 5 else "")
+                for label, items in (
+                    ("missing keys", missing),
+                    ("unexpected keys", unexpected),
+                    ("wrong shapes", wrong),
+                )
+                if items
+            ]
+            raise StateDictMismatchError(
+                f"{method} adapter {name!r}: the checkpoint does not fit the config's layers; {'; '.join(parts)}"
+            )
+        for key, (layer, owner, leaf) in expected.items():
+            weight = layer.base_layer.weight
+            dtype = weight.dtype if weight.dtype.is_floating_point else state_dict[key].dtype
+            # Replaces the meta tensor left by inject(empty=True), on the adapted layer's device and dtype.
+            setattr(
+                owner, leaf, nn.Parameter(state_dict[key].to(device=weight.device, dtype=dtype), requires_grad=False)
+            )
+
+    # --8<-- [end:state]
+
+    # -- deleting -------------------------------------------------------------------------------------
+    # --8<-- [start:delete]
+    @hookimpl
+    def adapterkit_delete(self, model: nn.Module, method: str, name: str) -> None:
+        # Also undoes a half-done inject: it must work on whatever exists, and never raise.
+        for site in self.sites(model, name):
+            del site.layer.bottleneck[name]
+            site.layer.active = [n for n in site.layer.active if n != name]
+            if not len(site.layer.bottleneck):
+                setattr(site.parent, site.attr, site.layer.base_layer)  # unwrap: put the Linear back
+
+    # --8<-- [end:delete]
+
+    # -- mixed batches ----------------------------------------------------------------------------------
+    # --8<-- [start:per_sample]
+    @hookimpl
+    def adapterkit_per_sample(
+        self, model: nn.Module, method: str, rows: Sequence[str]
+    ) -> contextlib.AbstractContextManager[None]:
+        return self._routing(model, list(rows))
+
+    @contextlib.contextmanager
+    def _routing(self, model: nn.Module, rows: list[str]) -> Iterator[None]:
+        layers = [site.layer for site in self.sites(model)]
+        try:
+            for layer in layers:
+                layer.rows = rows
+            yield
+        finally:
+            for layer in layers:
+                layer.rows = None
+
+    # --8<-- [end:per_sample]
+
+    # No adapterkit_merge / adapterkit_unmerge: a nonlinear adapter cannot be folded into a
+    # Linear's weights, so the core answers merge() with UnsupportedOperationError for us.
