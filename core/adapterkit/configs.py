@@ -62,10 +62,15 @@ def parse_config_string(spec: str) -> tuple[str, dict[str, Any]]:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # "invalid escape sequence" in regex strings: keep them as written
             call = ast.parse(f"_({body}\n)", mode="eval").body
-    except SyntaxError as exc:
+    except (SyntaxError, ValueError) as exc:
         raise ConfigSyntaxError(
-            f"cannot parse the options of config string {spec!r}: {exc.msg}. "
+            f"cannot parse the options of config string {spec!r}: {getattr(exc, 'msg', exc)}. "
             "Write key=value pairs separated by commas, values as Python literals (quote strings)."
+        ) from None
+    except (MemoryError, RecursionError):
+        raise ConfigSyntaxError(
+            f"cannot parse the options of config string {spec[:80]!r}...: nested too deeply. "
+            "Write key=value pairs separated by commas, values as Python literals."
         ) from None
     assert isinstance(call, ast.Call)
     if call.args or any(kw.arg is None for kw in call.keywords):
@@ -78,10 +83,12 @@ def parse_config_string(spec: str) -> tuple[str, dict[str, Any]]:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 options[kw.arg] = ast.literal_eval(kw.value)  # type: ignore[index]
-        except ValueError:
+        except (ValueError, TypeError, MemoryError, RecursionError):
+            # TypeError: an unhashable dict key or set element ({[1]: 2}).
             raise ConfigSyntaxError(
                 f"config string {spec!r}: the value of {kw.arg!r}, {ast.unparse(kw.value)!r}, is not a "
-                "Python literal; quote strings and use numbers, True/False/None, lists, tuples or dicts"
+                "Python literal (or holds a list, dict or set as a dict key or set element); quote strings "
+                "and use numbers, True/False/None, lists, tuples or dicts"
             ) from None
     return match["method"], options
 
@@ -136,6 +143,8 @@ def _matches(value: Any, tp: Any) -> bool:
         return isinstance(value, dict)
     if isinstance(tp, type) and issubclass(tp, enum.Enum):
         return isinstance(value, (tp, str))
+    if isinstance(tp, type) and (dataclasses.is_dataclass(tp) or attrs.has(tp)):
+        return isinstance(value, (tp, dict))  # a nested config: the object or its dict
     return True
 
 
@@ -165,6 +174,8 @@ def _config_from_options(method: Method, options: Mapping[str, Any], registry: M
 
 
 def _type_name(tp: Any) -> str:
+    if typing.get_origin(tp) is not None:  # Union[...], Optional[...], Literal[...], list[str]: spell it out
+        return str(tp).replace("typing.", "")
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
 
 

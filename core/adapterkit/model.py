@@ -163,11 +163,18 @@ class Adapters:
 
     def _names_list(self, names: str | Sequence[str], operation: str) -> list[str]:
         self._require_adapters(operation)
-        items = [names] if isinstance(names, str) else list(names)
+        if isinstance(names, str):
+            items = [names]
+        elif isinstance(names, Sequence) or isinstance(names, (set, frozenset)):
+            items = list(names)
+        else:
+            raise AdapterNameError(
+                f"{operation} takes an adapter name or a list of names, got {names!r} ({type(names).__name__})"
+            )
         for name in items:
             self._get(name)
         if len(set(items)) != len(items):
-            raise AdapterNameError(f"{operation}: adapter names repeat in {items!r}")
+            raise AdapterNameError(f"{operation}: adapter names repeat in {items!r}; name each adapter once")
         return items
 
     def _by_method(self, names: Sequence[str]) -> dict[Method, list[str]]:
@@ -343,6 +350,9 @@ class Adapters:
                 self._call(method, "adapterkit_load_state", name=name, state_dict=state_dict)
             self._adapters[name] = _Adapter(name, method, config, trainable)
             self._active = [name]
+            if not self._enabled:
+                # New layers start enabled: while adapters are disabled, the new adapter is too.
+                self._call(method, "adapterkit_disable")
             self._apply_active()
         except BaseException:
             self._adapters.pop(name, None)
@@ -429,6 +439,14 @@ class Adapters:
         otherwise :class:`CheckpointExistsError` is raised before anything is written.
         """
         items = self._names_list(self.names if names is None else names, "save")
+        for name in items:
+            folder = files.adapter_folder(directory, name)
+            blocked = next((p for p in (folder, *folder.parents) if p.exists() and not p.is_dir()), None)
+            if blocked is not None:
+                raise CheckpointError(
+                    f"cannot save adapter {name!r} to {str(folder)!r}: {str(blocked)!r} is a file, not a folder; "
+                    "pass a folder path"
+                )
         if not overwrite:
             taken = [str(files.adapter_folder(directory, n)) for n in items if files.holds_adapter(files.adapter_folder(directory, n))]
             if taken:
@@ -475,7 +493,7 @@ class Adapters:
         """Take every merged adapter back out of the base weights."""
         self._require_adapters("unmerge")
         if not self._merged:
-            raise AdapterStateError("nothing to unmerge: no adapter is merged")
+            raise AdapterStateError("nothing to unmerge: no adapter is merged (adapters.merged is empty); merge() first")
         for method, group in reversed(list(self._by_method(self._merged).items())):
             self._call(method, "adapterkit_unmerge", names=group)
             self._merged = [n for n in self._merged if n not in group]
@@ -513,6 +531,9 @@ class Adapters:
             raise AdapterStateError("per_sample cannot run while adapters are disabled; enable() first")
         named = self._by_method([r for r in dict.fromkeys(rows) if r != BASE])
         with contextlib.ExitStack() as stack:
+            # Registered first, so it runs last: re-enabling a method (peft's enable_adapters) makes
+            # its active adapters trainable, frozen ones included; put requires_grad back as it was.
+            stack.callback(self._apply_active)
             for method in self._methods():
                 if method in named:
                     stack.enter_context(self._call(method, "adapterkit_per_sample", rows=list(rows)))

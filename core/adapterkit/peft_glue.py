@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import re
 import warnings
 from collections.abc import Iterator, Sequence
 from typing import Any
@@ -203,6 +204,16 @@ class PeftMethod:
         if r is not None and (not isinstance(r, int) or r <= 0):
             raise ConfigValueError(f"{method} config key 'r' must be a positive integer, got {r!r}")
         targets = getattr(config, "target_modules", None)
+        for key in ("target_modules", "exclude_modules"):
+            pattern = getattr(config, key, None)
+            if isinstance(pattern, str):  # peft matches a string with re.fullmatch
+                try:
+                    re.compile(pattern)
+                except re.error as exc:
+                    raise ConfigValueError(
+                        f"{method} config key {key!r}={pattern!r} is not a valid regular expression ({exc}); "
+                        "fix the pattern or pass a list of module names"
+                    ) from None
         if targets is not None and not isinstance(targets, str) and len(targets) == 0:
             raise ConfigValueError(
                 f"{method} config key 'target_modules' is empty; name modules, e.g. target_modules=['q_proj', 'v_proj']"
@@ -236,6 +247,12 @@ class PeftMethod:
             if "not supported" in str(exc) or "Target module" in str(exc):
                 raise TargetError(f"{method} adapter {name!r}: {exc}") from None
             raise ConfigValueError(f"{method} adapter {name!r}: {exc}") from None
+        except (TypeError, AttributeError, KeyError, re.error) as exc:
+            # peft trips over a config value of the wrong type (e.g. rank_pattern={'q_proj': 'x'}).
+            raise ConfigValueError(
+                f"{method} adapter {name!r}: the config does not fit peft ({type(exc).__name__}: {exc}); "
+                "check the types of its values"
+            ) from None
         finally:
             # peft leaves model.peft_config behind; adapterkit keeps configs itself.
             model.__dict__.pop("peft_config", None)
@@ -304,9 +321,20 @@ class PeftMethod:
             for key, (_, owner, leaf) in expected.items()
             if key in state_dict and state_dict[key].shape != getattr(owner, leaf).shape
         ]
-        if missing or unexpected or wrong:
+        # Integer tensors would load and silently truncate activations (peft casts the input to the weight's dtype).
+        dtypes = [
+            f"{key}: {state_dict[key].dtype}"
+            for key in expected
+            if key in state_dict and not (state_dict[key].is_floating_point() or state_dict[key].is_complex())
+        ]
+        if missing or unexpected or wrong or dtypes:
             parts = []
-            for label, items in (("missing keys", missing), ("unexpected keys", unexpected), ("wrong shapes", wrong)):
+            for label, items in (
+                ("missing keys", missing),
+                ("unexpected keys", unexpected),
+                ("wrong shapes", wrong),
+                ("not floating-point", dtypes),
+            ):
                 if items:
                     more = f" (+{len(items) - 5} more)" if len(items) > 5 else ""
                     parts.append(f"{label}: {', '.join(items[:5])}{more}")

@@ -1,12 +1,16 @@
 """Fixtures of the reliability suite: the fake Hub (tests/lora/hub_server.py) and the shared model helpers.
 
-Why this file re-exports ``tests/conftest.py``: test modules across the suite do
-``from conftest import make_llama, ...``. conftest files outside packages are all
-imported under the one module name ``conftest``, and pytest (which loads this
-file at start-up whenever ``tests/reliability`` is named on the command line)
-leaves the last one in ``sys.modules``. Exporting the shared helpers here too
-keeps ``from conftest import ...`` working in every test folder whatever order
-the folders are given in.
+Test modules across the suite do ``from conftest import make_llama, ...``, but
+conftest files outside packages are all imported under the one module name
+``conftest``, and the last one loaded wins (pytest loads this file at start-up
+whenever ``tests/reliability`` is named on the command line; another folder's
+conftest may win over it). So:
+
+* this file loads ``tests/conftest.py`` once more, as the module
+  ``shared_test_helpers``; the reliability tests import their helpers from
+  there, whatever ``conftest`` currently is;
+* it re-exports those helpers, so that ``from conftest import ...`` keeps
+  working in the other test folders when this file is the last ``conftest``.
 """
 
 from __future__ import annotations
@@ -24,9 +28,12 @@ if str(TESTS / "lora") not in sys.path:
 
 
 def _load_shared() -> types.ModuleType:
-    spec = importlib.util.spec_from_file_location("_adapterkit_tests_shared_conftest", TESTS / "conftest.py")
+    if "shared_test_helpers" in sys.modules:
+        return sys.modules["shared_test_helpers"]
+    spec = importlib.util.spec_from_file_location("shared_test_helpers", TESTS / "conftest.py")
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
+    sys.modules["shared_test_helpers"] = module
     spec.loader.exec_module(module)
     return module
 

@@ -6,7 +6,7 @@ import contextlib
 from collections.abc import Iterator, Sequence
 from typing import Any
 
-from adapterkit import UnsupportedOperationError, hookimpl
+from adapterkit import ConfigValueError, UnsupportedOperationError, hookimpl
 from adapterkit.peft_glue import PeftMethod, check_rows
 from peft import LoraConfig
 from peft.tuners.lora import LoraModel
@@ -21,6 +21,20 @@ class LoraMethod(PeftMethod):
     def file_key(self, suffix: str) -> str:
         # peft saves DoRA's magnitude without the ".weight" its module now has.
         return suffix.removesuffix(".weight") if suffix.startswith("lora_magnitude_vector.") else suffix
+
+    @hookimpl
+    def adapterkit_validate_config(self, method: str, config: Any) -> None:
+        super().adapterkit_validate_config(method, config)
+        for key, kind, check in (
+            ("rank_pattern", "a positive integer", lambda v: isinstance(v, int) and not isinstance(v, bool) and v > 0),
+            ("alpha_pattern", "a number", lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)),
+        ):
+            for pattern, value in (getattr(config, key, None) or {}).items():
+                if not check(value):
+                    raise ConfigValueError(
+                        f"{method} config key {key!r} maps {pattern!r} to {value!r}; each value must be {kind}, "
+                        f"e.g. {key}={{{pattern!r}: 8}}"
+                    )
 
     @hookimpl
     def adapterkit_per_sample(self, model: nn.Module, method: str, rows: Sequence[str]) -> Any:
