@@ -272,15 +272,19 @@ class PeftMethod:
         # Only adapters whose trainability changes are touched: switching among
         # frozen adapters costs the same with 2 or 100 of them loaded.
         changed = None if previous is None else previous ^ wanted
-        for layer in self.layers(model):
-            layer._active_adapter = names
-            for attr in layer.adapter_layer_names:
-                container = getattr(layer, attr, None)
-                if not container:
-                    continue
-                keys = container.keys() if changed is None else [k for k in changed if k in container]
-                for key in keys:
-                    container[key].requires_grad_(key in wanted)
+        layers = self.layers(model)
+        for layer in layers:
+            # Straight into __dict__: nn.Module.__setattr__ checks three registries per call.
+            layer.__dict__["_active_adapter"] = names
+        if changed is None or changed:
+            for layer in layers:
+                for attr in layer.adapter_layer_names:
+                    container = getattr(layer, attr, None)
+                    if not container:
+                        continue
+                    keys = container.keys() if changed is None else [k for k in changed if k in container]
+                    for key in keys:
+                        container[key].requires_grad_(key in wanted)
         cache[(self.name, "trainable")] = wanted
 
     @hookimpl
