@@ -42,6 +42,7 @@ Usage::
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import hashlib
 import itertools
@@ -49,7 +50,8 @@ import json
 import re
 import sys
 import threading
-from collections.abc import Callable
+import types
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -483,3 +485,30 @@ def _route(parts: list[str]) -> tuple[str, str | None, str | None, str | None]:
     elif len(parts) >= 5 and parts[2] == "resolve" and parts[0] != "api":
         return "file", "/".join(parts[:2]), parts[3], "/".join(parts[4:])
     return "unknown", None, None, None
+
+
+@contextlib.contextmanager
+def serving_as_the_hub(monkeypatch, tmp_path: Path) -> Iterator[FakeHub]:
+    """A running FakeHub that huggingface_hub uses as the Hub: no token, online, a cache under ``tmp_path``."""
+    from huggingface_hub import constants, file_download
+
+    with FakeHub() as server:
+        # huggingface_hub reads HF_ENDPOINT into these at import time; HfApi and hf_hub_url read them per call.
+        monkeypatch.setattr(constants, "ENDPOINT", server.url)
+        monkeypatch.setattr(
+            constants, "HUGGINGFACE_CO_URL_TEMPLATE", server.url + "/{repo_id}/resolve/{revision}/{filename}"
+        )
+        monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+        monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", True)  # plain HTTP downloads even if hf_xet is installed
+        # No user-agent "agent detection", which fetches {ENDPOINT}/api/agent-harnesses and writes into HF_HOME.
+        monkeypatch.setattr(constants, "HF_HUB_DISABLE_TELEMETRY", True)
+        # No stray writes to, or tokens from, the real home folder.
+        monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "default-hub-cache"))
+        monkeypatch.setattr(constants, "HF_TOKEN_PATH", str(tmp_path / "no-token-here"))
+        for name in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_OIDC_RESOURCE", "HF_HUB_OFFLINE", "HF_ENDPOINT"):
+            monkeypatch.delenv(name, raising=False)
+        # http_get sleeps 1 s before each attempt to resume a broken download; the tests need no pause.
+        monkeypatch.setattr(file_download, "time", types.SimpleNamespace(sleep=lambda seconds: None))
+        yield server
+    assert server.errors == [], "the fake Hub crashed while serving"
+    assert server.unhandled == [], "huggingface_hub used endpoints the fake Hub does not implement"

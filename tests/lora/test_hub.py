@@ -9,18 +9,17 @@ from __future__ import annotations
 
 import shutil
 import traceback
-import types
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import torch
-from huggingface_hub import constants, file_download
+from huggingface_hub import constants
 from safetensors.torch import load_file
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import adapterkit
-from hub_server import FakeHub, Request
+from hub_server import FakeHub, Request, serving_as_the_hub
 
 REPO = "user/adapter"
 CONFIG = "adapter_config.json"
@@ -109,26 +108,8 @@ def load(repo_id: str, **kwargs: object) -> tuple[LlamaForCausalLM, adapterkit.A
 @pytest.fixture
 def hub(monkeypatch: pytest.MonkeyPatch, tmp_path: Path):
     """A running FakeHub that huggingface_hub uses as the Hub, without token or offline mode."""
-    with FakeHub() as server:
-        # huggingface_hub reads HF_ENDPOINT into these at import time; HfApi and hf_hub_url read them per call.
-        monkeypatch.setattr(constants, "ENDPOINT", server.url)
-        monkeypatch.setattr(
-            constants, "HUGGINGFACE_CO_URL_TEMPLATE", server.url + "/{repo_id}/resolve/{revision}/{filename}"
-        )
-        monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
-        monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", True)  # plain HTTP downloads even if hf_xet is installed
-        # No user-agent "agent detection", which fetches {ENDPOINT}/api/agent-harnesses and writes into HF_HOME.
-        monkeypatch.setattr(constants, "HF_HUB_DISABLE_TELEMETRY", True)
-        # No stray writes to, or tokens from, the real home folder.
-        monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "default-hub-cache"))
-        monkeypatch.setattr(constants, "HF_TOKEN_PATH", str(tmp_path / "no-token-here"))
-        for name in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_OIDC_RESOURCE", "HF_HUB_OFFLINE", "HF_ENDPOINT"):
-            monkeypatch.delenv(name, raising=False)
-        # http_get sleeps 1 s before each attempt to resume a broken download; the tests need no pause.
-        monkeypatch.setattr(file_download, "time", types.SimpleNamespace(sleep=lambda seconds: None))
+    with serving_as_the_hub(monkeypatch, tmp_path) as server:
         yield server
-    assert server.errors == [], "the fake Hub crashed while serving"
-    assert server.unhandled == [], "huggingface_hub used endpoints the fake Hub does not implement"
 
 
 @pytest.fixture

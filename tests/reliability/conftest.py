@@ -50,7 +50,7 @@ run = _shared.run
 llama = _shared.llama
 mlp = _shared.mlp
 
-from hub_server import FakeHub  # noqa: E402  (needs the sys.path entry above)
+from hub_server import serving_as_the_hub  # noqa: E402  (needs the sys.path entry above)
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -68,22 +68,5 @@ def _one_torch_thread():
 @pytest.fixture
 def hub(monkeypatch: pytest.MonkeyPatch, tmp_path: Path):
     """A running FakeHub that huggingface_hub uses as the Hub (as in tests/lora/test_hub.py): no token, online."""
-    from huggingface_hub import constants, file_download
-
-    with FakeHub() as server:
-        monkeypatch.setattr(constants, "ENDPOINT", server.url)
-        monkeypatch.setattr(
-            constants, "HUGGINGFACE_CO_URL_TEMPLATE", server.url + "/{repo_id}/resolve/{revision}/{filename}"
-        )
-        monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
-        monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", True)
-        monkeypatch.setattr(constants, "HF_HUB_DISABLE_TELEMETRY", True)
-        monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "default-hub-cache"))
-        monkeypatch.setattr(constants, "HF_TOKEN_PATH", str(tmp_path / "no-token-here"))
-        for name in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_OIDC_RESOURCE", "HF_HUB_OFFLINE", "HF_ENDPOINT"):
-            monkeypatch.delenv(name, raising=False)
-        # http_get sleeps before resuming a cut download; the tests need no pause.
-        monkeypatch.setattr(file_download, "time", types.SimpleNamespace(sleep=lambda seconds: None))
+    with serving_as_the_hub(monkeypatch, tmp_path) as server:
         yield server
-    assert server.errors == [], "the fake Hub crashed while serving"
-    assert server.unhandled == [], "huggingface_hub used endpoints the fake Hub does not implement"
