@@ -14,10 +14,11 @@ from test_dispatch import (  # noqa: F401
     make_llama,
     run,
 )
+from test_dispatch import saved  # noqa: F401  (the saved-adapter fixture; no conftest: tests/conftest.py owns that name)
 from transformers import LlamaForCausalLM
 
 
-def test_loading_into_layers_that_are_already_on_disk(saved, tmp_path):
+def test_loading_into_layers_that_are_already_on_disk(saved, tmp_path):  # noqa: F811
     folder, expected, base = saved
     checkpoint = tmp_path / "base"
     make_llama().save_pretrained(checkpoint)
@@ -34,7 +35,7 @@ def test_loading_into_layers_that_are_already_on_disk(saved, tmp_path):
         assert_outputs_equal(run(model), base)
 
 
-def test_a_failed_dispatch_in_load_leaves_no_adapter(saved):
+def test_a_failed_dispatch_in_load_leaves_no_adapter(saved):  # noqa: F811
     folder, _, _ = saved
     model = make_llama()
     adapters = adapterkit.attach(model)
@@ -43,7 +44,7 @@ def test_a_failed_dispatch_in_load_leaves_no_adapter(saved):
     assert adapters.names == []
 
 
-def test_merge_into_offloaded_layers_is_refused(saved, tmp_path):
+def test_merge_into_offloaded_layers_is_refused(saved, tmp_path):  # noqa: F811
     folder, expected, _ = saved
     model = make_llama()
     adapters = adapterkit.attach(model)
