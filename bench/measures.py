@@ -23,6 +23,14 @@ from timing import Case, Timings, interleaved, once
 from torch import nn
 from workload import Size, input_ids
 
+# The columns and ratios of the measures that time all three systems against a floor.
+SYSTEM_COLUMNS = {**{k: k for k in SYSTEMS}, "floor": "floor"}
+ADAPTERKIT_RATIOS = {
+    "adapterkit/peft": ("adapterkit", "peft"),
+    "adapterkit/transformers": ("adapterkit", "transformers"),
+    "adapterkit/floor": ("adapterkit", "floor"),
+}
+
 ADAPTER_ATTRS = ("lora_A", "lora_B", "lora_E", "lora_embedding_A", "lora_embedding_B", "ia3_l")
 
 
@@ -122,13 +130,8 @@ def measure_load(ctx: Context) -> list[dict[str, Any]]:
             ctx,
             "1st adapter from a local folder into the ready model",
             timings,
-            columns={**{k: k for k in SYSTEMS}, "floor": "floor", "peft low_cpu_mem_usage=True": "peft_low_cpu_mem"},
-            ratios={
-                "adapterkit/peft": ("adapterkit", "peft"),
-                "adapterkit/transformers": ("adapterkit", "transformers"),
-                "adapterkit/floor": ("adapterkit", "floor"),
-                "peft low_cpu_mem_usage/peft": ("peft_low_cpu_mem", "peft"),
-            },
+            columns={**SYSTEM_COLUMNS, "peft low_cpu_mem_usage=True": "peft_low_cpu_mem"},
+            ratios={**ADAPTERKIT_RATIOS, "peft low_cpu_mem_usage/peft": ("peft_low_cpu_mem", "peft")},
             targets=[
                 target("load <= 0.35x PeftModel.from_pretrained", timings.ratio("adapterkit", "peft"), 0.35),
                 target("load <= 0.35x transformers load_adapter", timings.ratio("adapterkit", "transformers"), 0.35),
@@ -443,12 +446,8 @@ def measure_activity(
                 ctx,
                 f"{mode} mode, {count} adapters loaded",
                 timings,
-                columns={**{k: k for k in SYSTEMS}, "floor": "floor"},
-                ratios={
-                    "adapterkit/peft": ("adapterkit", "peft"),
-                    "adapterkit/transformers": ("adapterkit", "transformers"),
-                    "adapterkit/floor": ("adapterkit", "floor"),
-                },
+                columns=SYSTEM_COLUMNS,
+                ratios=ADAPTERKIT_RATIOS,
                 targets=targets,
                 note=f"adapterkit: adapters loaded with is_trainable={trainable}; peft: set_adapter(name, "
                 f"inference_mode={not trainable}); transformers: set_adapter(name); floor = assign the active list "
@@ -481,12 +480,8 @@ def measure_activity(
                     ctx,
                     f"load adapter #{count} ({count - 1} loaded)",
                     timings,
-                    columns={**{k: k for k in SYSTEMS}, "floor": "floor"},
-                    ratios={
-                        "adapterkit/peft": ("adapterkit", "peft"),
-                        "adapterkit/transformers": ("adapterkit", "transformers"),
-                        "adapterkit/floor": ("adapterkit", "floor"),
-                    },
+                    columns=SYSTEM_COLUMNS,
+                    ratios=ADAPTERKIT_RATIOS,
                     targets=targets,
                     note="frozen adapters; peft: PeftModel.load_adapter (does not activate); adapterkit and "
                     "transformers activate the new adapter; floor = safetensors load_file",
