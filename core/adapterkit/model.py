@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from os import PathLike
 from typing import Any
 
@@ -53,11 +53,29 @@ class _Adapter:
 
 
 class _Snapshot:
-    """The parts of a model an injection may change, to put back after a failure."""
+    """The parts of a model an injection may change, to put back after a failure.
 
-    def __init__(self, model: nn.Module) -> None:
-        self.children = [(m, dict(m._modules)) for m in model.modules()]
-        self.requires_grad = [(p, p.requires_grad) for p in model.parameters()]
+    Every module's children and every parameter's ``requires_grad`` are recorded, except
+    inside the per-adapter containers of the adapters already attached (a ``ModuleDict`` or
+    ``ParameterDict`` keyed by their names, such as peft's ``lora_A``): the plugin's
+    ``delete`` removes the failed adapter's entries from those, and adapterkit re-applies the
+    other adapters' ``requires_grad``. So the cost does not grow with the adapters loaded.
+    """
+
+    def __init__(self, model: nn.Module, adapters: Iterable[str] = ()) -> None:
+        names = frozenset(adapters)
+        self.children: list[tuple[nn.Module, dict[str, nn.Module | None]]] = []
+        self.requires_grad: list[tuple[nn.Parameter, bool]] = []
+        seen: set[int] = set()
+        stack = [model]
+        while stack:
+            module = stack.pop()
+            if id(module) in seen or (names and _adapter_container(module, names)):
+                continue
+            seen.add(id(module))
+            self.children.append((module, dict(module._modules)))
+            self.requires_grad.extend((p, p.requires_grad) for p in module._parameters.values() if p is not None)
+            stack.extend(child for child in module._modules.values() if child is not None)
 
     def restore(self) -> None:
         for module, children in self.children:
@@ -65,6 +83,14 @@ class _Snapshot:
             module._modules.update(children)
         for param, flag in self.requires_grad:
             param.requires_grad_(flag)
+
+
+def _adapter_container(module: nn.Module, names: frozenset[str]) -> bool:
+    """Whether ``module`` holds per-adapter entries: a ModuleDict/ParameterDict whose first key names an adapter."""
+    if not isinstance(module, (nn.ModuleDict, nn.ParameterDict)):
+        return False
+    entries = module._modules or module._parameters
+    return bool(entries) and next(iter(entries)) in names
 
 
 def check_name(name: Any) -> str:
@@ -339,7 +365,7 @@ class Adapters:
     ) -> None:
         if self._merged:
             raise AdapterStateError(f"cannot attach {name!r} while {self._merged} are merged; unmerge() first")
-        snapshot = _Snapshot(self.model)
+        snapshot = _Snapshot(self.model, self._adapters)
         previous_active = self._active
         if not self._adapters:
             for param in self.model.parameters():

@@ -25,8 +25,10 @@ from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
-from peft.tuners.tuners_utils import BaseTunerLayer
+from peft.tuners._buffer_dict import BufferDict
+from peft.tuners.tuners_utils import BaseTunerLayer, _ExcludedModule
 from peft.utils.error import NoMatchingPeftModuleError
+from peft.utils.integrations import init_empty_weights
 from torch import nn
 
 from .errors import ConfigValueError, PerSampleError, StateDictMismatchError, TargetError, UnsupportedOperationError
@@ -35,8 +37,15 @@ from .hookspecs import hookimpl
 __all__ = ["PeftMethod", "LayerSite", "check_rows", "replaced_forwards"]
 
 TAG = "_adapterkit_method"
-_CACHE = "_adapterkit_peft_layers"  # model attribute: {method: [layers]}, {(method, "trainable"): set}
+# Model attribute: {method: [layers], (method, "trainable"): set of names, (method, "fresh"): names whose
+# requires_grad set_active has not applied yet, (method, "params"): {name: [parameters]}}.
+_CACHE = "_adapterkit_peft_layers"
 _UNSET = object()
+# What torch.nn.init offers; skipped while creating layers whose weights a load replaces.
+_INITIALISERS = (
+    "uniform_", "normal_", "trunc_normal_", "constant_", "ones_", "zeros_", "eye_", "dirac_",
+    "xavier_uniform_", "xavier_normal_", "kaiming_uniform_", "kaiming_normal_", "orthogonal_", "sparse_",
+)  # fmt: skip
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,7 +65,7 @@ def _adapter_tensors(layer: BaseTunerLayer, name: str) -> Iterator[tuple[str, nn
     (``lora_A.weight``); ``getattr(owner, leaf)`` is the parameter.
     """
     for attr in layer.adapter_layer_names:
-        container = getattr(layer, attr, None)
+        container = _container(layer, attr)
         if container is None or name not in container:
             continue
         item = container[name]
@@ -69,8 +78,14 @@ def _adapter_tensors(layer: BaseTunerLayer, name: str) -> Iterator[tuple[str, nn
                 yield f"{attr}.{param_name}", owner, leaf
 
 
+def _container(layer: BaseTunerLayer, attr: str) -> Any:
+    """``getattr(layer, attr, None)``, straight from ``_modules`` when it is a module (no ``__getattr__`` detour)."""
+    found = layer._modules.get(attr)
+    return found if found is not None else getattr(layer, attr, None)
+
+
 def _has(layer: BaseTunerLayer, name: str) -> bool:
-    return any(name in getattr(layer, attr, ()) for attr in layer.adapter_layer_names)
+    return any(name in (_container(layer, attr) or ()) for attr in layer.adapter_layer_names)
 
 
 def _is_empty(layer: BaseTunerLayer) -> bool:
@@ -117,6 +132,151 @@ def replaced_forwards(layers: Sequence[nn.Module], make_forward: Any) -> Iterato
                 layer.__dict__[attr] = previous
 
 
+def _logical_modules(model: nn.Module, *, into_layers: bool) -> Iterator[tuple[str, nn.Module, str, nn.Module]]:
+    """``(logical path, parent, attr, module)`` for the modules of ``model``, parents before children.
+
+    What an adapter layer holds for its adapters is never entered, so the walk costs the
+    same with 1 or 100 adapters loaded. With ``into_layers``, a layer's base layer is
+    (under the layer's own path: the logical path drops ``base_layer`` hops); without, the
+    walk stops at adapter layers, as peft's injection does.
+    """
+    stack: list[tuple[str, nn.Module]] = [("", model)]
+    while stack:
+        path, module = stack.pop()
+        if isinstance(module, BaseTunerLayer):
+            base = module._modules.get("base_layer")
+            children = [(path, "base_layer", base)] if into_layers and base is not None else []
+        else:
+            children = [
+                (f"{path}.{attr}" if path else attr, attr, child)
+                for attr, child in module._modules.items()
+                if child is not None
+            ]
+        for child_path, attr, child in children:
+            yield child_path, module, attr, child
+        stack.extend((child_path, child) for child_path, _, child in reversed(children))
+
+
+@contextlib.contextmanager
+def _layer_creation() -> Iterator[None]:
+    """Inside the block, peft creates adapter layers for a load: empty weights, no per-layer passes.
+
+    * Weights go to the meta device (peft's ``init_empty_weights``, as in its
+      ``low_cpu_mem_usage``, which keeps the few unsaved values, such as AdaLoRA's ``ranknum``,
+      off it) and skip their initialisers: the load replaces them.
+    * ``BaseTunerLayer.set_adapter`` and ``_move_adapter_to_device_of_base_layer`` do nothing:
+      peft's ``update_layer`` calls both, and they visit every adapter of the layer (so each
+      load got slower than the last). adapterkit places the loaded weights (:func:`_place`)
+      and sets activity and ``requires_grad`` (``adapterkit_set_active``) afterwards.
+
+    Like transformers' ``no_init_weights``, the swaps are process-wide for the duration: do
+    not build models in other threads meanwhile.
+    """
+    swapped = [(nn.init, name, _keep) for name in _INITIALISERS if hasattr(nn.init, name)]
+    swapped += [(BaseTunerLayer, "set_adapter", _skip), (BaseTunerLayer, "_move_adapter_to_device_of_base_layer", _skip)]
+    saved = [(owner, name, owner.__dict__[name]) for owner, name, _ in swapped]
+    try:
+        for owner, name, stand_in in swapped:
+            setattr(owner, name, stand_in)
+        with init_empty_weights():
+            yield
+    finally:
+        for owner, name, original in saved:
+            setattr(owner, name, original)
+
+
+def _keep(tensor: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+    return tensor
+
+
+def _skip(*args: Any, **kwargs: Any) -> None:
+    return None
+
+
+def _place(layer: BaseTunerLayer, name: str, device: torch.device | None = None) -> bool:
+    """Move adapter ``name`` of ``layer`` to its base layer's device and floating dtype (or to ``device``).
+
+    peft's ``_move_adapter_to_device_of_base_layer`` for one adapter, without its scan of
+    every other adapter's parameters (which made each load slower than the last). Returns
+    whether anything moved (into new parameter objects).
+    """
+    base = layer.get_base_layer()
+    if isinstance(base, nn.MultiheadAttention):
+        base = base.out_proj
+    base_device, base_dtype = layer._get_base_layer_device_and_dtype(base)
+    device = device or base_device
+    if device is None:
+        return False
+    moved = False
+    dtype = base_dtype if base_dtype is not None and (base_dtype.is_floating_point or base_dtype.is_complex) else None
+    for attr in (*layer.adapter_layer_names, *layer.other_param_names):
+        container = _container(layer, attr)
+        if not isinstance(container, (nn.ModuleDict, nn.ParameterDict, BufferDict)) or name not in container:
+            continue
+        item = container[name]
+        tensors = [t for m in item.modules() for t in (*m._parameters.values(), *m._buffers.values()) if t is not None] if isinstance(item, nn.Module) else [item]
+        if all(t.device == device and (dtype is None or not t.is_floating_point() or t.dtype == dtype) for t in tensors):
+            continue
+        # Integer tensors (index buffers) keep their dtype; modules cast only their floating tensors anyway.
+        cast = isinstance(item, nn.Module) or item.is_floating_point() or item.is_complex()
+        container[name] = item.to(device, dtype=dtype) if dtype is not None and cast else item.to(device)
+        moved = True
+    return moved
+
+
+def _follow_training_mode(sites: Sequence[LayerSite], name: str) -> None:
+    """Put adapter ``name``'s new modules in the training mode of the layers they adapt.
+
+    peft creates them in training mode, so an adapter loaded into a model in eval mode would
+    run its dropout at inference (``PeftModel.from_pretrained`` calls ``eval()`` on the whole
+    model instead). Only the layer, its containers and this adapter's modules are touched.
+    """
+    for site in sites:
+        layer = site.layer
+        mode = layer.get_base_layer().training
+        layer.training = mode
+        for attr, child in layer._modules.items():
+            if attr == "base_layer":
+                continue
+            child.training = mode
+            if name in child._modules:
+                child._modules[name].train(mode)
+
+
+@contextlib.contextmanager
+def _peft_errors(method: str, name: str) -> Iterator[None]:
+    """Turn what peft raises for a config that does not fit the model into adapterkit's errors."""
+    try:
+        yield
+    except NoMatchingPeftModuleError as exc:
+        raise TargetError(f"{method} adapter {name!r}: {exc}") from None
+    except ValueError as exc:
+        if "not supported" in str(exc) or "Target module" in str(exc):
+            raise TargetError(f"{method} adapter {name!r}: {exc}") from None
+        raise ConfigValueError(f"{method} adapter {name!r}: {exc}") from None
+    except (TypeError, AttributeError, KeyError, re.error) as exc:
+        # peft trips over a config value of the wrong type (e.g. rank_pattern={'q_proj': 'x'}).
+        raise ConfigValueError(
+            f"{method} adapter {name!r}: the config does not fit peft ({type(exc).__name__}: {exc}); "
+            "check the types of its values"
+        ) from None
+
+
+def _warn_unmatched_patterns(config: Any, targeted: Sequence[str]) -> None:
+    """peft's warning for ``rank_pattern``/``alpha_pattern`` keys that match no targeted module."""
+    for attr in ("rank_pattern", "alpha_pattern"):
+        patterns = getattr(config, attr, None)
+        if not patterns:
+            continue
+        unmatched = sorted(p for p in patterns if not any(re.match(rf"(.*\.)?({p})$", key) for key in targeted))
+        if unmatched:
+            warnings.warn(
+                f"The following {attr} keys did not match any targeted module and were ignored: {unmatched}.",
+                RuntimeWarning,
+                stacklevel=4,
+            )
+
+
 class PeftMethod:
     """An adapterkit plugin for one peft tuner method.
 
@@ -125,6 +285,10 @@ class PeftMethod:
     :param tuner_type: peft tuner class that injects layers (``LoraModel``).
     :param aliases: further names, typically peft's ``peft_type`` (``"LORA"``).
     :param description: one line for ``adapterkit methods``.
+    :param direct_load: when loading, wrap the targets with the tuner's own per-target code
+        (``_create_and_replace``) instead of constructing the tuner, whose whole-model passes
+        make every load slower than the last. Tested for peft's LoRA, IA3 and AdaLoRA tuners;
+        leave it off for other tuners unless the conformance suite passes with it.
     """
 
     def __init__(
@@ -135,12 +299,14 @@ class PeftMethod:
         *,
         aliases: Sequence[str] = (),
         description: str = "",
+        direct_load: bool = False,
     ) -> None:
         self.name = name
         self.config_type = config_type
         self.tuner_type = tuner_type
         self.aliases = tuple(aliases)
         self.description = description
+        self.direct_load = direct_load
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.name!r})"
@@ -148,20 +314,11 @@ class PeftMethod:
     # -- layer bookkeeping ----------------------------------------------------
     def sites(self, model: nn.Module, name: str | None = None) -> list[LayerSite]:
         """This method's layers in ``model`` (holding adapter ``name`` if given), with logical paths."""
-        found: list[LayerSite] = []
-        stack: list[tuple[nn.Module, str]] = [(model, "")]
-        while stack:
-            module, logical = stack.pop()
-            wrapper = isinstance(module, BaseTunerLayer)
-            for attr, child in module._modules.items():
-                if child is None:
-                    continue
-                if wrapper and attr in module.adapter_layer_names:
-                    continue  # adapter internals hold no further layers
-                path = logical if (wrapper and attr == "base_layer") else (f"{logical}.{attr}" if logical else attr)
-                if getattr(child, TAG, None) == self.name and (name is None or _has(child, name)):
-                    found.append(LayerSite(path, module, attr, child))
-                stack.append((child, path))
+        found = [
+            LayerSite(path, parent, attr, module)
+            for path, parent, attr, module in _logical_modules(model, into_layers=True)
+            if module.__dict__.get(TAG) == self.name and (name is None or _has(module, name))
+        ]
         found.sort(key=lambda site: site.logical)
         return found
 
@@ -170,14 +327,16 @@ class PeftMethod:
         cache = model.__dict__.setdefault(_CACHE, {})
         found = cache.get(self.name)
         if found is None:
-            found = cache[self.name] = [m for m in model.modules() if getattr(m, TAG, None) == self.name]
+            walk = _logical_modules(model, into_layers=True)
+            # dict.fromkeys: a module shared by two parents is one layer
+            found = cache[self.name] = list(dict.fromkeys(m for _, _, _, m in walk if m.__dict__.get(TAG) == self.name))
         return found
 
     def forget(self, model: nn.Module) -> None:
         """Drop what :meth:`layers` and :meth:`adapterkit_set_active` remember: the layers changed."""
         cache = model.__dict__.get(_CACHE, {})
-        cache.pop(self.name, None)
-        cache.pop((self.name, "trainable"), None)
+        for key in (self.name, *((self.name, part) for part in ("trainable", "fresh", "params", "new sites"))):
+            cache.pop(key, None)
 
     # -- registration and configs -----------------------------------------------
     @hookimpl
@@ -231,6 +390,8 @@ class PeftMethod:
     # -- injection ----------------------------------------------------------------
     @hookimpl
     def adapterkit_inject(self, model: nn.Module, method: str, name: str, config: Any, empty: bool) -> None:
+        if empty and self.direct_load and self._inject_direct(model, method, name, config):
+            return
         # peft's tuner retouches layers and the requires_grad of every method's adapters
         cache = model.__dict__.get(_CACHE, {})
         for key in [k for k in cache if isinstance(k, tuple)]:
@@ -240,19 +401,8 @@ class PeftMethod:
         previous = model.__dict__.pop("peft_config", _UNSET)
         try:
             # The tuner wraps the targets in place; we keep the layers, not the tuner.
-            self.tuner_type(model, config, adapter_name=name, low_cpu_mem_usage=empty)
-        except NoMatchingPeftModuleError as exc:
-            raise TargetError(f"{method} adapter {name!r}: {exc}") from None
-        except ValueError as exc:
-            if "not supported" in str(exc) or "Target module" in str(exc):
-                raise TargetError(f"{method} adapter {name!r}: {exc}") from None
-            raise ConfigValueError(f"{method} adapter {name!r}: {exc}") from None
-        except (TypeError, AttributeError, KeyError, re.error) as exc:
-            # peft trips over a config value of the wrong type (e.g. rank_pattern={'q_proj': 'x'}).
-            raise ConfigValueError(
-                f"{method} adapter {name!r}: the config does not fit peft ({type(exc).__name__}: {exc}); "
-                "check the types of its values"
-            ) from None
+            with _peft_errors(method, name):
+                self.tuner_type(model, config, adapter_name=name, low_cpu_mem_usage=empty)
         finally:
             # peft leaves model.peft_config behind; adapterkit keeps configs itself.
             model.__dict__.pop("peft_config", None)
@@ -262,6 +412,84 @@ class PeftMethod:
             if isinstance(module, BaseTunerLayer) and not hasattr(module, TAG) and _has(module, name):
                 setattr(module, TAG, self.name)
         self.forget(model)
+        _follow_training_mode(self.sites(model, name), name)
+
+    def _direct_load_fits(self, config: Any) -> bool:
+        """Whether the config needs nothing of the tuner beyond its per-target code."""
+        targets = getattr(config, "target_modules", None)
+        return not (
+            targets is None  # peft fills in the model type's defaults
+            or targets == "all-linear"
+            or getattr(config, "use_dora", False)  # DoRA's magnitude is computed from the base weight
+            or getattr(config, "ensure_weight_tying", False)
+            or getattr(config, "target_modules_to_tie", None)
+        )
+
+    def _inject_direct(self, model: nn.Module, method: str, name: str, config: Any) -> bool:
+        """Add adapter ``name``, with empty weights, to the targets of ``config``; False to use the tuner instead.
+
+        It runs the checks and config preparation of peft's ``inject_adapter`` and its
+        per-target ``_create_and_replace``, and skips its passes over the whole model
+        (every module and parameter, including the adapters already loaded): matching walks
+        the base modules only, existing layers do not revisit their other adapters, and
+        ``requires_grad`` is left to :meth:`adapterkit_set_active`. Cost per load: the
+        targets, whatever is loaded already.
+        """
+        if not self._direct_load_fits(config):
+            return False
+        # The tuner's per-target methods, without its constructor (which injects into the whole model).
+        tuner = self.tuner_type.__new__(self.tuner_type)
+        nn.Module.__init__(tuner)
+        tuner.__dict__["model"] = model  # not a registered child: the tuner is thrown away
+        tuner.peft_config = {name: config}
+        tuner.active_adapter = name
+        tuner.targeted_module_names = []
+        tuner.targeted_parameter_names = []
+        replace = tuner._replace_module
+
+        def _replace_module(parent: nn.Module, attr: str, new: nn.Module, old: nn.Module) -> None:
+            # peft's version also moves the new layer's adapter to the base layer's device, scanning
+            # every submodule; the load places the adapter's weights itself (see _place).
+            if hasattr(new, "base_layer") and getattr(getattr(old, "base_layer", old), "state", None) is None:
+                setattr(parent, attr, new)
+            else:
+                replace(parent, attr, new, old)
+
+        tuner._replace_module = _replace_module
+        with _peft_errors(method, name):
+            if hasattr(getattr(model, "config", None), "model_type"):
+                from peft.utils.transformers_weight_conversion import convert_peft_config_for_transformers
+
+                convert_peft_config_for_transformers(config, model=model, conversions=None)
+            tuner._check_new_adapter_config(config)
+            tuner._check_tied_modules(model, config)
+            config = tuner._prepare_adapter_config(config, tuner.get_model_config(model))
+            tuner._prepare_model(config, model)
+            targets = [
+                site
+                for site in _logical_modules(model, into_layers=False)
+                if (found := tuner._check_target_module_exists(config, site[0])) and not isinstance(found, _ExcludedModule)
+            ]
+            if not targets or not self._direct_load_fits(config):
+                return False  # the tuner raises (or warns) in its own words
+            layers = self.layers(model)
+            sites = []
+            with _layer_creation():
+                for key, parent, attr, target in targets:
+                    tuner._check_target_module_compatiblity(config, model, attr)
+                    tuner._create_and_replace(config, name, target, attr, parent, current_key=key)
+                    layer = parent._modules[attr]
+                    if layer is not target:
+                        setattr(layer, TAG, self.name)
+                        layers.append(layer)
+                    sites.append(LayerSite(key, parent, attr, layer))
+        _warn_unmatched_patterns(config, [site.logical for site in sites])
+        _follow_training_mode(sites, name)
+        cache = model.__dict__[_CACHE]
+        cache.setdefault((self.name, "fresh"), set()).add(name)
+        # Handed to the load that follows (adapterkit_load_state), which would otherwise walk the model for them.
+        cache[(self.name, "new sites")] = (name, sorted(sites, key=lambda site: site.logical))
+        return True
 
     # -- activity -------------------------------------------------------------------
     @hookimpl
@@ -269,23 +497,32 @@ class PeftMethod:
         names, wanted = list(names), set(trainable)
         cache = model.__dict__.setdefault(_CACHE, {})
         previous = cache.get((self.name, "trainable"))
-        # Only adapters whose trainability changes are touched: switching among
-        # frozen adapters costs the same with 2 or 100 of them loaded.
-        changed = None if previous is None else previous ^ wanted
+        fresh = cache.pop((self.name, "fresh"), set())
         layers = self.layers(model)
         for layer in layers:
             # Straight into __dict__: nn.Module.__setattr__ checks three registries per call.
             layer.__dict__["_active_adapter"] = names
-        if changed is None or changed:
-            for layer in layers:
-                for attr in layer.adapter_layer_names:
-                    container = getattr(layer, attr, None)
-                    if not container:
-                        continue
-                    keys = container.keys() if changed is None else [k for k in changed if k in container]
-                    for key in keys:
-                        container[key].requires_grad_(key in wanted)
+        # Only adapters whose trainability changes (or whose parameters are new) are touched:
+        # switching among frozen adapters costs the same with 2 or 100 of them loaded.
+        if previous is None:
+            changed = {n for layer in layers for attr in layer.adapter_layer_names for n in getattr(layer, attr, ())}
+        else:
+            changed = (previous ^ wanted) | fresh
+        for name in changed:
+            flag = name in wanted
+            for param in self._parameters(model, name):
+                param.requires_grad = flag
         cache[(self.name, "trainable")] = wanted
+
+    def _parameters(self, model: nn.Module, name: str) -> list[nn.Parameter]:
+        """The parameters of adapter ``name`` in this method's layers (cached until they are replaced)."""
+        known = model.__dict__.setdefault(_CACHE, {}).setdefault((self.name, "params"), {})
+        found = known.get(name)
+        if found is None:
+            found = known[name] = [
+                getattr(owner, leaf) for layer in self.layers(model) for _, owner, leaf in _adapter_tensors(layer, name)
+            ]
+        return found
 
     @hookimpl
     def adapterkit_enable(self, model: nn.Module, method: str) -> None:
@@ -305,8 +542,10 @@ class PeftMethod:
         return suffix
 
     def _expected(self, model: nn.Module, name: str) -> dict[str, tuple[LayerSite, nn.Module, str]]:
+        handed = model.__dict__.get(_CACHE, {}).pop((self.name, "new sites"), None)
+        sites = handed[1] if handed is not None and handed[0] == name else self.sites(model, name)
         expected = {}
-        for site in self.sites(model, name):
+        for site in sites:
             for suffix, owner, leaf in _adapter_tensors(site.layer, name):
                 expected[f"{site.logical}.{self.file_key(suffix)}"] = (site, owner, leaf)
         return expected
@@ -346,7 +585,7 @@ class PeftMethod:
                 f"{method} adapter {name!r}: the checkpoint does not fit the config's layers; {'; '.join(parts)}. "
                 "Check that the checkpoint was saved from this base model and matches its adapter_config.json."
             )
-        layers = {}
+        layers, params = {}, []
         for key, (site, owner, leaf) in expected.items():
             param = nn.Parameter(state_dict[key], requires_grad=False)
             if isinstance(owner, nn.ParameterDict):
@@ -354,12 +593,24 @@ class PeftMethod:
             else:
                 setattr(owner, leaf, param)
             layers[id(site.layer)] = site.layer
+            params.append(param)
+        moved = False
         for layer in layers.values():
             # A base layer offloaded by accelerate has its weight on the meta device; moving the
             # adapter there would drop the file's tensors. Keep them on the CPU, in the layer's
             # dtype, for the dispatch plugin to offload with the layer.
-            layer._move_adapter_to_device_of_base_layer(name, device=torch.device("cpu") if _offloaded(layer) else None)
-        model.__dict__.get(_CACHE, {}).pop((self.name, "trainable"), None)  # new parameter objects
+            moved |= _place(layer, name, device=torch.device("cpu") if _offloaded(layer) else None)
+        self._renewed(model, name, None if moved else params)
+
+    def _renewed(self, model: nn.Module, name: str, params: list[nn.Parameter] | None = None) -> None:
+        """Adapter ``name`` has new parameter objects (``params``, when known): set_active must set their requires_grad."""
+        cache = model.__dict__.setdefault(_CACHE, {})
+        cache.setdefault((self.name, "fresh"), set()).add(name)
+        known = cache.setdefault((self.name, "params"), {})
+        if params is None:
+            known.pop(name, None)
+        else:
+            known[name] = params
 
     # -- merging and deleting ---------------------------------------------------------
     @hookimpl

@@ -465,6 +465,7 @@ plugin = AdaLoraMethod(
     AdaLoraModel,
     aliases=("ADALORA",),
     description="AdaLoRA: SVD-form LoRA with adaptive rank allocation (peft AdaLoRA layers)",
+    direct_load=True,
 )
 
 

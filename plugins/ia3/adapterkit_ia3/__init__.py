@@ -137,4 +137,5 @@ plugin = IA3Method(
     IA3Model,
     aliases=("IA3",),
     description="(IA)^3: learned scaling vectors on activations (peft IA3 layers; unmerge is approximate)",
+    direct_load=True,
 )

@@ -64,4 +64,5 @@ plugin = LoraMethod(
     LoraModel,
     aliases=("LORA",),
     description="Low-rank adaptation (peft LoRA layers; DoRA and rsLoRA options included)",
+    direct_load=True,
 )
