@@ -6,9 +6,10 @@ cases in the same round sees the same load; the reported ratio is the median
 over rounds of those paired ratios. A warm-up round is run and dropped.
 
 The garbage collector stays on during timed operations (the collections an
-operation triggers are part of its cost); ``run.py`` freezes the heap of the
-base models (``gc.freeze``) so collections do not scan objects that belong to
-no system.
+operation triggers are part of its cost) and collects before every sample, so
+no operation pays for garbage another case left; ``run.py`` freezes the heap of
+the base models (``gc.freeze``) so collections do not scan objects that belong
+to no system.
 """
 
 from __future__ import annotations
@@ -74,13 +75,15 @@ def interleaved(cases: list[Case], rounds: int, warmup: int = 1) -> Timings:
     live = list(cases)
     for index in range(warmup + rounds):
         shift = index % len(live) if live else 0
-        gc.collect()  # once per round: a collection owed by earlier work should not land in a timed op
         for case in live[shift:] + live[:shift]:
             if case.name in errors:
                 continue
             try:
                 if case.setup:
                     case.setup()
+                # Before every sample: a collection owed to the garbage of the previous case (another
+                # system's teardown, say) should not land in this case's timed op.
+                gc.collect()
                 start = time.perf_counter()
                 for _ in range(case.inner):
                     case.op()

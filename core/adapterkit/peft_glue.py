@@ -162,8 +162,11 @@ def _layer_creation() -> Iterator[None]:
     """Inside the block, peft creates adapter layers for a load: empty weights, no per-layer passes.
 
     * Weights go to the meta device (peft's ``init_empty_weights``, as in its
-      ``low_cpu_mem_usage``, which keeps the few unsaved values, such as AdaLoRA's ``ranknum``,
-      off it) and skip their initialisers: the load replaces them.
+      ``low_cpu_mem_usage``, which keeps the few unsaved values, such as AdaLoRA's
+      ``ranknum``, off it). Their initialisers (``torch.nn.init``, and ``torch.randn`` /
+      ``torch.rand``, which peft's layers use as initialisers) leave the memory unfilled:
+      the load replaces those values. (A ``torch.device("meta")`` context would be slower:
+      random numbers on meta go through Python decompositions.)
     * ``BaseTunerLayer.set_adapter`` and ``_move_adapter_to_device_of_base_layer`` do nothing:
       peft's ``update_layer`` calls both, and they visit every adapter of the layer (so each
       load got slower than the last). adapterkit places the loaded weights (:func:`_place`)
@@ -173,6 +176,7 @@ def _layer_creation() -> Iterator[None]:
     not build models in other threads meanwhile.
     """
     swapped = [(nn.init, name, _keep) for name in _INITIALISERS if hasattr(nn.init, name)]
+    swapped += [(torch, "randn", _unfilled), (torch, "rand", _unfilled)]
     swapped += [(BaseTunerLayer, "set_adapter", _skip), (BaseTunerLayer, "_move_adapter_to_device_of_base_layer", _skip)]
     saved = [(owner, name, owner.__dict__[name]) for owner, name, _ in swapped]
     try:
@@ -187,6 +191,13 @@ def _layer_creation() -> Iterator[None]:
 
 def _keep(tensor: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
     return tensor
+
+
+_empty = torch.empty
+
+
+def _unfilled(*size: Any, generator: Any = None, **kwargs: Any) -> torch.Tensor:
+    return _empty(*size, **kwargs)
 
 
 def _skip(*args: Any, **kwargs: Any) -> None:
@@ -234,13 +245,15 @@ def _follow_training_mode(sites: Sequence[LayerSite], name: str) -> None:
     for site in sites:
         layer = site.layer
         mode = layer.get_base_layer().training
-        layer.training = mode
+        # Straight into __dict__ (what Module.train does, without its __setattr__ checks per module).
+        layer.__dict__["training"] = mode
         for attr, child in layer._modules.items():
-            if attr == "base_layer":
-                continue
-            child.training = mode
-            if name in child._modules:
-                child._modules[name].train(mode)
+            if attr != "base_layer":
+                child.__dict__["training"] = mode
+                item = child._modules.get(name)
+                if item is not None:
+                    for module in item.modules():
+                        module.__dict__["training"] = mode
 
 
 @contextlib.contextmanager
@@ -465,13 +478,17 @@ class PeftMethod:
             tuner._check_tied_modules(model, config)
             config = tuner._prepare_adapter_config(config, tuner.get_model_config(model))
             tuner._prepare_model(config, model)
+            walked = list(_logical_modules(model, into_layers=False))
             targets = [
                 site
-                for site in _logical_modules(model, into_layers=False)
+                for site in walked
                 if (found := tuner._check_target_module_exists(config, site[0])) and not isinstance(found, _ExcludedModule)
             ]
             if not targets or not self._direct_load_fits(config):
                 return False  # the tuner raises (or warns) in its own words
+            cache = model.__dict__.setdefault(_CACHE, {})
+            if self.name not in cache and not any(isinstance(site[3], BaseTunerLayer) for site in walked):
+                cache[self.name] = []  # no adapter layer anywhere yet: nothing for layers() to walk for
             layers = self.layers(model)
             sites = []
             with _layer_creation():
@@ -485,7 +502,6 @@ class PeftMethod:
                     sites.append(LayerSite(key, parent, attr, layer))
         _warn_unmatched_patterns(config, [site.logical for site in sites])
         _follow_training_mode(sites, name)
-        cache = model.__dict__[_CACHE]
         cache.setdefault((self.name, "fresh"), set()).add(name)
         # Handed to the load that follows (adapterkit_load_state), which would otherwise walk the model for them.
         cache[(self.name, "new sites")] = (name, sorted(sites, key=lambda site: site.logical))
