@@ -216,6 +216,33 @@ def test_per_sample_rows_match_peft_mixed_batch(pair):
     assert (run(model, x) - run(theirs, x)).abs().max() <= 1e-6
 
 
+@pytest.mark.parametrize(
+    "rows",
+    [["one", "one", "two", "two"], ["two", "one", "two", "__base__"], ["__base__"] * 4],
+    ids=["contiguous", "interleaved", "base-only"],
+)
+def test_per_sample_with_embedding_and_linear_layers_matches_peft(rows, tmp_path):
+    # Linear layers take the grouped forward, the embedding peft's own mixed-batch path.
+    configs = {
+        "one": LoraConfig(r=2, target_modules=["embed_tokens", "q_proj", "down_proj"]),
+        "two": LoraConfig(r=3, lora_alpha=5, target_modules=["embed_tokens", "v_proj"]),
+    }
+    theirs = peft_model_from(make_llama, tmp_path, configs)
+    theirs.save_pretrained(tmp_path, selected_adapters=["one", "two"], save_embedding_layers=False)
+    model = make_llama()
+    adapters = adapterkit.attach(model)
+    adapters.load(tmp_path / "one", "one")
+    adapters.load(tmp_path / "two", "two")
+    x = torch.cat([llama_input(), llama_input()[:1]])
+    with adapters.per_sample(rows):
+        ours = run(model, x)
+    with torch.no_grad():
+        expected = theirs(x, adapter_names=rows).logits
+    assert (ours - expected).abs().max() <= 1e-6
+    if "one" in rows:
+        assert (ours - run(make_llama(), x)).abs().max() > 1e-3
+
+
 def test_per_sample_on_a_plain_model(tmp_path):
     x = mlp_input()[:3]
     configs = {"one": adapterkit.parse_config(MLP_SPEC), "two": adapterkit.parse_config(MLP_SPEC)}

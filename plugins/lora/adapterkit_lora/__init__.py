@@ -6,17 +6,20 @@ import contextlib
 from collections.abc import Iterator, Sequence
 from typing import Any
 
+import torch
 from adapterkit import ConfigValueError, UnsupportedOperationError, hookimpl
-from adapterkit.peft_glue import PeftMethod, check_rows
+from adapterkit.peft_glue import PeftMethod, check_rows, replaced_forwards
 from peft import LoraConfig
+from peft.tuners.lora import Linear as LoraLinear
 from peft.tuners.lora import LoraModel
 from torch import nn
+from torch.nn import functional as F
 
 __all__ = ["LoraMethod", "plugin"]
 
 
 class LoraMethod(PeftMethod):
-    """peft LoRA, plus per-sample routing through peft's mixed-batch forward."""
+    """peft LoRA, plus per-sample routing: a grouped forward for plain LoRA linear layers, peft's otherwise."""
 
     def file_key(self, suffix: str) -> str:
         # peft saves DoRA's magnitude without the ".weight" its module now has.
@@ -42,20 +45,82 @@ class LoraMethod(PeftMethod):
 
     @contextlib.contextmanager
     def _per_sample(self, model: nn.Module, rows: list[str]) -> Iterator[None]:
-        dora = sorted({row for layer in self.layers(model) for row in rows if layer.use_dora.get(row, False)})
+        layers = self.layers(model)
+        dora = sorted({row for layer in layers for row in rows if layer.use_dora.get(row, False)})
         if dora:
             raise UnsupportedOperationError(f"per_sample does not support DoRA adapters ({dora}); peft cannot mix them")
+        groups = _row_groups(rows)
+        grouped = [layer for layer in layers if _GroupedForward.fits(layer, groups)]
+        chosen = set(map(id, grouped))
 
         def route(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
             check_rows(rows, len(args[0]) if args else len(next(iter(kwargs.values()))))
             return args, {**kwargs, "adapter_names": rows}
 
-        handles = [layer.register_forward_pre_hook(route, with_kwargs=True) for layer in self.layers(model)]
+        # Other layers (embeddings, convolutions, LoRA variants, training-mode dropout) take peft's mixed-batch path.
+        handles = [layer.register_forward_pre_hook(route, with_kwargs=True) for layer in layers if id(layer) not in chosen]
         try:
-            yield
+            with replaced_forwards(grouped, lambda layer: _GroupedForward(layer, rows, groups)):
+                yield
         finally:
             for handle in handles:
                 handle.remove()
+
+
+def _row_groups(rows: Sequence[str]) -> list[tuple[str, slice | torch.Tensor]]:
+    """Each adapter named in ``rows`` (``__base__`` aside) with its rows: a slice when they are contiguous."""
+    positions: dict[str, list[int]] = {}
+    for index, row in enumerate(rows):
+        if row != "__base__":
+            positions.setdefault(row, []).append(index)
+    return [
+        (name, slice(found[0], found[-1] + 1) if found[-1] - found[0] + 1 == len(found) else torch.tensor(found))
+        for name, found in positions.items()
+    ]
+
+
+class _GroupedForward:
+    """A plain LoRA linear layer's per-sample forward: one pass per adapter over its rows.
+
+    The arithmetic of peft's ``Linear._mixed_batch_forward`` (``base(x)``, then for each
+    adapter ``result[rows] += B(A(x[rows])) * scaling``), with the row groups and weights
+    looked up once per ``per_sample`` block instead of in every layer call, rows that sit
+    together taken as views, and no module calls for the adapter's own two matmuls.
+    """
+
+    def __init__(self, layer: LoraLinear, rows: list[str], groups: list[tuple[str, slice | torch.Tensor]]) -> None:
+        self.layer, self.rows = layer, rows
+        self.parts = [
+            (index, layer.lora_A[name].weight, layer.lora_B[name].weight, layer.scaling[name])
+            for name, index in groups
+            if name in layer.lora_A
+        ]
+
+    @staticmethod
+    def fits(layer: nn.Module, groups: list[tuple[str, slice | torch.Tensor]]) -> bool:
+        """Whether the grouped forward computes what peft's mixed-batch forward would for this layer."""
+        if type(layer) is not LoraLinear or layer.disable_adapters or layer.merged:
+            return False
+        for name, _ in groups:
+            if name not in layer.lora_A:
+                continue
+            dropout = layer.lora_dropout[name]
+            if (
+                name in layer.lora_variant
+                or layer.lora_A[name].bias is not None
+                or layer.lora_B[name].bias is not None
+                or (dropout.training and not isinstance(dropout, nn.Identity))
+            ):
+                return False
+        return True
+
+    def __call__(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        check_rows(self.rows, len(x))
+        result = self.layer.base_layer(x, *args, **kwargs)
+        for index, a, b, scaling in self.parts:
+            low_rank = F.linear(F.linear(x[index].to(a.dtype), a), b) * scaling
+            result[index] += low_rank.to(result.dtype)
+        return result
 
 
 plugin = LoraMethod(
