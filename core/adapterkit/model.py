@@ -131,6 +131,7 @@ class Adapters:
         self._active: list[str] = []
         self._merged: list[str] = []
         self._enabled = True
+        self._method_list: list[Method] | None = None  # the methods in use (see _methods)
 
     # -- state ---------------------------------------------------------------
     @property
@@ -210,7 +211,10 @@ class Adapters:
         return groups
 
     def _methods(self) -> list[Method]:
-        return list(dict.fromkeys(a.method for a in self._adapters.values()))
+        # Cached: every set_active asks, and a walk over 100 adapters would be most of its cost.
+        if self._method_list is None:
+            self._method_list = list(dict.fromkeys(a.method for a in self._adapters.values()))
+        return self._method_list
 
     def _call(self, method: Method, hook: str, **kwargs: Any) -> Any:
         return self.registry.call(method, hook, model=self.model, **kwargs)
@@ -375,6 +379,7 @@ class Adapters:
             if state_dict is not None:
                 self._call(method, "adapterkit_load_state", name=name, state_dict=state_dict)
             self._adapters[name] = _Adapter(name, method, config, trainable)
+            self._method_list = None
             self._active = [name]
             if not self._enabled:
                 # New layers start enabled: while adapters are disabled, the new adapter is too.
@@ -382,6 +387,7 @@ class Adapters:
             self._apply_active()
         except BaseException:
             self._adapters.pop(name, None)
+            self._method_list = None
             self._active = previous_active
             self._rollback(method, name, snapshot)
             raise
@@ -531,6 +537,7 @@ class Adapters:
             raise AdapterStateError(f"adapter {name!r} is merged; unmerge() before deleting it")
         self._call(adapter.method, "adapterkit_delete", name=name)
         del self._adapters[name]
+        self._method_list = None
         self._active = [n for n in self._active if n != name]
         self._apply_active()
 
@@ -572,11 +579,13 @@ class Adapters:
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
         state.pop("registry")  # plugin managers do not pickle; the default one is rebuilt on load
+        state.pop("_method_list", None)  # a cache
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
         self.registry = default_registry()
+        self._method_list = None
 
     def __deepcopy__(self, memo: dict[int, Any]) -> Adapters:
         new = Adapters.__new__(Adapters)

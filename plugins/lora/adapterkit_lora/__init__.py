@@ -83,17 +83,16 @@ class _GroupedForward:
     """A plain LoRA linear layer's per-sample forward: one pass per adapter over its rows.
 
     The arithmetic of peft's ``Linear._mixed_batch_forward`` (``base(x)``, then for each
-    adapter ``result[rows] += B(A(x[rows])) * scaling``), with the row groups and weights
-    looked up once per ``per_sample`` block instead of in every layer call, rows that sit
-    together taken as views, and no module calls for the adapter's own two matmuls.
+    adapter ``result[rows] += B(A(x[rows])) * scaling``), with the row groups and the
+    adapters' modules looked up once per ``per_sample`` block instead of in every layer
+    call, rows that sit together taken as views, and no module calls for the two matmuls.
     """
 
     def __init__(self, layer: LoraLinear, rows: list[str], groups: list[tuple[str, slice | torch.Tensor]]) -> None:
         self.layer, self.rows = layer, rows
+        # Modules, not weights: accelerate swaps the weights of offloaded layers in for each call.
         self.parts = [
-            (index, layer.lora_A[name].weight, layer.lora_B[name].weight, layer.scaling[name])
-            for name, index in groups
-            if name in layer.lora_A
+            (index, layer.lora_A[name], layer.lora_B[name], layer.scaling[name]) for name, index in groups if name in layer.lora_A
         ]
 
     @staticmethod
@@ -117,8 +116,9 @@ class _GroupedForward:
     def __call__(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         check_rows(self.rows, len(x))
         result = self.layer.base_layer(x, *args, **kwargs)
-        for index, a, b, scaling in self.parts:
-            low_rank = F.linear(F.linear(x[index].to(a.dtype), a), b) * scaling
+        for index, lora_a, lora_b, scaling in self.parts:
+            a = lora_a.weight
+            low_rank = F.linear(F.linear(x[index].to(a.dtype), a), lora_b.weight) * scaling
             result[index] += low_rank.to(result.dtype)
         return result
 
