@@ -177,7 +177,10 @@ def _layer_creation() -> Iterator[None]:
     """
     swapped = [(nn.init, name, _keep) for name in _INITIALISERS if hasattr(nn.init, name)]
     swapped += [(torch, "randn", _unfilled), (torch, "rand", _unfilled)]
-    swapped += [(BaseTunerLayer, "set_adapter", _skip), (BaseTunerLayer, "_move_adapter_to_device_of_base_layer", _skip)]
+    swapped += [
+        (BaseTunerLayer, "set_adapter", _skip),
+        (BaseTunerLayer, "_move_adapter_to_device_of_base_layer", _skip),
+    ]
     saved = [(owner, name, owner.__dict__[name]) for owner, name, _ in swapped]
     try:
         for owner, name, stand_in in swapped:
@@ -225,8 +228,15 @@ def _place(layer: BaseTunerLayer, name: str, device: torch.device | None = None)
         if not isinstance(container, (nn.ModuleDict, nn.ParameterDict, BufferDict)) or name not in container:
             continue
         item = container[name]
-        tensors = [t for m in item.modules() for t in (*m._parameters.values(), *m._buffers.values()) if t is not None] if isinstance(item, nn.Module) else [item]
-        if all(t.device == device and (dtype is None or not t.is_floating_point() or t.dtype == dtype) for t in tensors):
+        if isinstance(item, nn.Module):
+            tensors = [
+                t for m in item.modules() for t in (*m._parameters.values(), *m._buffers.values()) if t is not None
+            ]
+        else:
+            tensors = [item]
+        if all(
+            t.device == device and (dtype is None or not t.is_floating_point() or t.dtype == dtype) for t in tensors
+        ):
             continue
         # Integer tensors (index buffers) keep their dtype; modules cast only their floating tensors anyway.
         cast = isinstance(item, nn.Module) or item.is_floating_point() or item.is_complex()
@@ -368,7 +378,9 @@ class PeftMethod:
     @hookimpl
     def adapterkit_config_to_dict(self, method: str, config: Any) -> dict[str, Any]:
         # What peft's PeftConfig.save_pretrained writes: the dataclass fields, sets as lists.
-        return json.loads(json.dumps(config.to_dict(), default=lambda v: sorted(v) if isinstance(v, (set, frozenset)) else str(v)))
+        return json.loads(
+            json.dumps(config.to_dict(), default=lambda v: sorted(v) if isinstance(v, (set, frozenset)) else str(v))
+        )
 
     @hookimpl
     def adapterkit_validate_config(self, method: str, config: Any) -> None:
@@ -393,12 +405,18 @@ class PeftMethod:
         for key, default in (("modules_to_save", None), ("trainable_token_indices", None), ("layer_replication", None)):
             value = getattr(config, key, default)
             if value not in (default, [], ()):
-                raise ConfigValueError(f"{method} config key {key!r}={value!r} is not supported by adapterkit yet; leave it unset")
+                raise ConfigValueError(
+                    f"{method} config key {key!r}={value!r} is not supported by adapterkit yet; leave it unset"
+                )
         if getattr(config, "target_parameters", None):
-            raise ConfigValueError(f"{method} config key 'target_parameters' is not supported by adapterkit yet; use target_modules")
+            raise ConfigValueError(
+                f"{method} config key 'target_parameters' is not supported by adapterkit yet; use target_modules"
+            )
         bias = getattr(config, "bias", "none")
         if bias != "none":
-            raise ConfigValueError(f"{method} config key 'bias'={bias!r} is not supported (base biases would be saved); use 'none'")
+            raise ConfigValueError(
+                f"{method} config key 'bias'={bias!r} is not supported (base biases would be saved); use 'none'"
+            )
 
     # -- injection ----------------------------------------------------------------
     @hookimpl
@@ -482,7 +500,8 @@ class PeftMethod:
             targets = [
                 site
                 for site in walked
-                if (found := tuner._check_target_module_exists(config, site[0])) and not isinstance(found, _ExcludedModule)
+                if (found := tuner._check_target_module_exists(config, site[0]))
+                and not isinstance(found, _ExcludedModule)
             ]
             if not targets or not self._direct_load_fits(config):
                 return False  # the tuner raises (or warns) in its own words
@@ -509,7 +528,9 @@ class PeftMethod:
 
     # -- activity -------------------------------------------------------------------
     @hookimpl
-    def adapterkit_set_active(self, model: nn.Module, method: str, names: Sequence[str], trainable: Sequence[str]) -> None:
+    def adapterkit_set_active(
+        self, model: nn.Module, method: str, names: Sequence[str], trainable: Sequence[str]
+    ) -> None:
         names, wanted = list(names), set(trainable)
         cache = model.__dict__.setdefault(_CACHE, {})
         previous = cache.get((self.name, "trainable"))
@@ -571,7 +592,9 @@ class PeftMethod:
         return {key: getattr(owner, leaf).detach() for key, (_, owner, leaf) in self._expected(model, name).items()}
 
     @hookimpl
-    def adapterkit_load_state(self, model: nn.Module, method: str, name: str, state_dict: dict[str, torch.Tensor]) -> None:
+    def adapterkit_load_state(
+        self, model: nn.Module, method: str, name: str, state_dict: dict[str, torch.Tensor]
+    ) -> None:
         expected = self._expected(model, name)
         missing = sorted(set(expected) - set(state_dict))
         unexpected = sorted(set(state_dict) - set(expected))

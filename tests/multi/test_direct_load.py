@@ -23,10 +23,17 @@ QKV_DOWN = ["q_proj", "v_proj", "down_proj"]
 CONFIGS = {
     # direct path
     "lora-patterns-dropout": lambda: LoraConfig(
-        r=4, lora_alpha=8, lora_dropout=0.1, target_modules=QKV_DOWN, rank_pattern={"v_proj": 2}, alpha_pattern={"down_proj": 3}
+        r=4,
+        lora_alpha=8,
+        lora_dropout=0.1,
+        target_modules=QKV_DOWN,
+        rank_pattern={"v_proj": 2},
+        alpha_pattern={"down_proj": 3},
     ),
     "lora-rslora-regex": lambda: LoraConfig(r=4, use_rslora=True, target_modules=r".*\.(q_proj|o_proj)"),
-    "lora-layers-to-transform": lambda: LoraConfig(r=2, target_modules=QKV_DOWN, layers_to_transform=[1], layers_pattern="layers"),
+    "lora-layers-to-transform": lambda: LoraConfig(
+        r=2, target_modules=QKV_DOWN, layers_to_transform=[1], layers_pattern="layers"
+    ),
     "lora-exclude": lambda: LoraConfig(r=2, target_modules=QKV_DOWN, exclude_modules=r".*\.0\.self_attn\.q_proj"),
     "lora-embedding": lambda: LoraConfig(r=2, target_modules=["embed_tokens", "q_proj"]),
     "ia3-feedforward": lambda: IA3Config(target_modules=QKV_DOWN, feedforward_modules=["down_proj"]),
@@ -119,7 +126,11 @@ def test_a_load_that_fails_while_creating_layers_changes_nothing(tmp_path):
     before = Fingerprint(model, x)
     # act_fn (SiLU) matches the pattern too: peft refuses it after wrapping some projections.
     config = LoraConfig(r=2, target_modules=r".*\.(q_proj|act_fn)")
-    state = {f"model.layers.{i}.self_attn.q_proj.lora_{ab}.weight": w for i in range(2) for ab, w in (("A", torch.zeros(2, 32)), ("B", torch.zeros(32, 2)))}
+    state = {
+        f"model.layers.{i}.self_attn.q_proj.lora_{ab}.weight": w
+        for i in range(2)
+        for ab, w in (("A", torch.zeros(2, 32)), ("B", torch.zeros(32, 2)))
+    }
     with pytest.raises(TargetError, match="act_fn|not supported"):
         adapters.load(None, "broken", config=config, state_dict=state)
     before.assert_same(model, x)

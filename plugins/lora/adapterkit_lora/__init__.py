@@ -58,7 +58,9 @@ class LoraMethod(PeftMethod):
             return args, {**kwargs, "adapter_names": rows}
 
         # Other layers (embeddings, convolutions, LoRA variants, training-mode dropout) take peft's mixed-batch path.
-        handles = [layer.register_forward_pre_hook(route, with_kwargs=True) for layer in layers if id(layer) not in chosen]
+        handles = [
+            layer.register_forward_pre_hook(route, with_kwargs=True) for layer in layers if id(layer) not in chosen
+        ]
         try:
             with replaced_forwards(grouped, lambda layer: _GroupedForward(layer, rows, groups)):
                 yield
@@ -92,7 +94,9 @@ class _GroupedForward:
         self.layer, self.rows = layer, rows
         # Modules, not weights: accelerate swaps the weights of offloaded layers in for each call.
         self.parts = [
-            (index, layer.lora_A[name], layer.lora_B[name], layer.scaling[name]) for name, index in groups if name in layer.lora_A
+            (index, layer.lora_A[name], layer.lora_B[name], layer.scaling[name])
+            for name, index in groups
+            if name in layer.lora_A
         ]
 
     @staticmethod
