@@ -377,7 +377,11 @@ def measure_activity(
     ``set_adapter(name, inference_mode=)`` decides trainability at each switch; transformers' ``set_adapter``
     is one call for both), so the anchors load each adapter once, frozen, and serve both modes. adapterkit
     fixes trainability at load (``is_trainable=``), so it reloads a trainable set for training mode. Loading
-    100 adapters costs O(N^2) in every system today (each load walks every module, adapters included).
+    100 adapters costs O(N^2) in peft and transformers (each load walks every module, adapters included).
+
+    The N-adapter switch runs also time adapterkit switching on a second model that holds 2 adapters, in the
+    same rounds: the growth target is that paired ratio (the ratio to the separate 2-adapter run, drifting
+    with the machine's load, is kept in the detail).
     """
     n = ctx.n_many
     ak = ctx.ak

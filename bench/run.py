@@ -1,6 +1,6 @@
 """adapterkit vs peft (PeftModel) vs transformers (PeftAdapterMixin), side by side in one run.
 
-    python bench/run.py            # full run (small, medium, large models; about 16 min on 2 cores)
+    python bench/run.py            # full run (small, medium, large models; about 13 min on 2 cores)
     python bench/run.py --quick    # smoke run: small model, 6 adapters, 2 rounds (< 2 min)
 
 Prints a table and writes bench/results/<timestamp>.json. See docs/benchmarks.md.
@@ -233,8 +233,8 @@ def _plan(args: argparse.Namespace, size: str, method: str) -> dict[str, dict[st
     """Which measures run for a (size, method), with their options.
 
     The reference workload (medium) gets everything for LoRA and IA3. The small and large models show how
-    costs grow, with LoRA only and without the 100-adapter measures (loading 100 adapters is O(N^2) in every
-    system today; on the medium model it is most of the run), as does AdaLoRA; ``--many-everywhere`` adds
+    costs grow, with LoRA only and without the 100-adapter measures (loading 100 adapters is O(N^2) in peft
+    and transformers; on the medium model it is most of the run), as does AdaLoRA; ``--many-everywhere`` adds
     them (about 20 more minutes). ``--quick`` runs everything on the small model, every method, with few
     adapters and rounds. AdaLoRA: peft and transformers refuse a 2nd trainable AdaLoRA adapter, so its
     training mode has no anchor beyond 1 adapter.
@@ -245,7 +245,7 @@ def _plan(args: argparse.Namespace, size: str, method: str) -> dict[str, dict[st
     if method != "lora":
         plan.pop("mixed")  # peft mixes adapters per sample for LoRA only
     if method == "adalora":
-        # 100 AdaLoRA adapters take 5 min to load in the three systems: only with --many-everywhere.
+        # 100 AdaLoRA adapters take minutes to load into peft and transformers: only with --many-everywhere.
         plan["activity"] = {"many_modes": ("inference",) if args.many_everywhere or args.quick else ()}
     if size != "medium" and not args.quick:
         plan["activity"] = {"many_modes": ("inference", "training") if args.many_everywhere else ()}
