@@ -75,6 +75,11 @@ def resolve(
         folder = local / subfolder if subfolder else local
         if not folder.is_dir():
             raise CheckpointNotFoundError(f"adapter folder {str(folder)!r} does not exist (subfolder={subfolder!r})")
+    elif not isinstance(source, str):
+        # A path object means a local folder: never ask the Hub for it.
+        raise CheckpointNotFoundError(
+            f"adapter folder {str(local)!r} does not exist; pass an existing folder, or a Hub repo id as a string"
+        )
     else:
         folder = _download(
             str(source),

@@ -412,6 +412,13 @@ class PeftMethod:
             raise ConfigValueError(
                 f"{method} config key 'target_parameters' is not supported by adapterkit yet; use target_modules"
             )
+        dropout = getattr(config, "lora_dropout", 0.0)
+        if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0 <= dropout <= 1:
+            # peft replaces a dropout <= 0 by no dropout: a negative one would pass silently.
+            raise ConfigValueError(
+                f"{method} config key 'lora_dropout' must be a probability between 0 and 1, got {dropout!r}; "
+                "e.g. lora_dropout=0.05"
+            )
         bias = getattr(config, "bias", "none")
         if bias != "none":
             raise ConfigValueError(

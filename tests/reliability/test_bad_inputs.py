@@ -477,6 +477,13 @@ CONFIG_STRINGS = [
         r"between 0 and 1",
     ),
     case(
+        "dropout-negative",
+        add("lora[lora_dropout=-0.5, target_modules=['q_proj']]"),
+        ConfigValueError,
+        r"-0\.5",
+        r"between 0 and 1",
+    ),
+    case(
         "ia3-feedforward-not-a-target",
         add("ia3[target_modules=['q_proj'], feedforward_modules=['down_proj']]"),
         ConfigValueError,
@@ -630,10 +637,18 @@ NAMES = [
 FILES = [
     case(
         "file-missing-folder",
-        load(lambda w: w.tmp / "missing"),
+        load(lambda w: str(w.tmp / "missing")),
         CheckpointNotFoundError,
         r"missing' is neither an existing local folder",
         r"valid Hub repo id \('owner/name'\)",
+    ),
+    case(
+        # Shaped like a Hub repo id, but a path object means a local folder: the Hub is never asked.
+        "file-missing-folder-path-object",
+        load(lambda w: Path("adapters/mistyped")),
+        CheckpointNotFoundError,
+        r"adapter folder 'adapters/mistyped' does not exist",
+        r"Hub repo id as a string",
     ),
     case(
         "file-missing-subfolder",
