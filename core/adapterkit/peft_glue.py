@@ -285,6 +285,41 @@ def _peft_errors(method: str, name: str) -> Iterator[None]:
         ) from None
 
 
+def _without_saved_base_weights(
+    expected: dict[str, tuple[LayerSite, Any, str]], state_dict: dict[str, torch.Tensor], method: str, name: str
+) -> dict[str, torch.Tensor]:
+    """``state_dict`` without the base weights of adapted layers, which must equal the model's.
+
+    peft also saves the weights of a targeted embedding layer (``save_embedding_layers``,
+    on by default then), as ``<layer>.base_layer.weight``. adapterkit never changes base
+    weights: identical ones are dropped, different ones (a resized vocabulary) refused.
+    """
+    sites = {site.logical: site for site, _, _ in expected.values()}
+    kept = state_dict
+    for key, tensor in state_dict.items():
+        path, found, leaf = key.rpartition(".base_layer.")
+        if not found or path not in sites or "." in leaf:
+            continue
+        current = getattr(sites[path].layer.get_base_layer(), leaf, None)
+        same = (
+            isinstance(current, torch.Tensor)
+            and not current.is_meta
+            and current.shape == tensor.shape
+            and torch.equal(current.detach(), tensor.to(current.device, current.dtype))
+        )
+        if not same:
+            raise StateDictMismatchError(
+                f"{method} adapter {name!r}: the checkpoint holds base weights {key!r} (peft saves a targeted "
+                "embedding's weights with save_embedding_layers) that differ from the model's, or cannot be compared "
+                "(offloaded); adapterkit never changes base weights. Load into the base model the adapter was "
+                "trained on (e.g. with its resized embeddings), before dispatching it."
+            )
+        if kept is state_dict:
+            kept = dict(state_dict)
+        del kept[key]
+    return kept
+
+
 def _warn_unmatched_patterns(config: Any, targeted: Sequence[str]) -> None:
     """peft's warning for ``rank_pattern``/``alpha_pattern`` keys that match no targeted module."""
     for attr in ("rank_pattern", "alpha_pattern"):
@@ -603,6 +638,7 @@ class PeftMethod:
         self, model: nn.Module, method: str, name: str, state_dict: dict[str, torch.Tensor]
     ) -> None:
         expected = self._expected(model, name)
+        state_dict = _without_saved_base_weights(expected, state_dict, method, name)
         missing = sorted(set(expected) - set(state_dict))
         unexpected = sorted(set(state_dict) - set(expected))
         wrong = [

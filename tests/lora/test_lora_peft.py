@@ -6,9 +6,9 @@ import json
 
 import pytest
 import torch
-from conftest import llama_input, make_llama, make_mlp, mlp_input, run
+from conftest import Fingerprint, llama_input, make_llama, make_mlp, mlp_input, run
 from peft import LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dict
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 import adapterkit
 
@@ -241,6 +241,32 @@ def test_per_sample_with_embedding_and_linear_layers_matches_peft(rows, tmp_path
     assert (ours - expected).abs().max() <= 1e-6
     if "one" in rows:
         assert (ours - run(make_llama(), x)).abs().max() > 1e-3
+
+
+def test_peft_checkpoint_with_saved_embedding_weights_loads(tmp_path):
+    # peft saves a targeted embedding's base weights too (save_embedding_layers, on by default then).
+    theirs = peft_model_from(make_llama, tmp_path, {"one": LoraConfig(r=2, target_modules=["embed_tokens", "q_proj"])})
+    with pytest.warns(UserWarning, match="save_embedding_layers"):
+        theirs.save_pretrained(tmp_path)
+    folder = tmp_path / "one"  # peft saves a non-default adapter in a folder of its name
+    saved = load_file(folder / "adapter_model.safetensors")
+    base_key = "base_model.model.model.embed_tokens.base_layer.weight"
+    assert base_key in saved
+    model = make_llama()
+    adapters = adapterkit.attach(model)
+    adapters.load(folder, "one")
+    x = llama_input()
+    assert (run(model, x) - run(theirs, x)).abs().max() <= 1e-6
+    assert not any("base_layer" in key for key in adapters.state_dict("one"))
+
+    # Different base weights (a resized or retrained vocabulary) are refused, and the model is left as it was.
+    saved[base_key] = saved[base_key] + 1
+    save_file(saved, folder / "adapter_model.safetensors")
+    fresh = make_llama()
+    before = Fingerprint(fresh, x)
+    with pytest.raises(adapterkit.StateDictMismatchError, match=r"embed_tokens\.base_layer\.weight.*never changes base"):
+        adapterkit.attach(fresh).load(folder, "one")
+    before.assert_same(fresh, x)
 
 
 def test_per_sample_on_a_plain_model(tmp_path):

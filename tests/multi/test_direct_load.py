@@ -52,8 +52,7 @@ def save_peft_adapter(config, folder, seed=0):
         for name, param in model.named_parameters():
             if param.requires_grad:  # the adapter's weights: random, so outputs differ from the base model
                 param.copy_(torch.randn_like(param) * 0.1)
-    # peft would also save a targeted embedding's base weights; adapterkit loads adapters only.
-    model.save_pretrained(folder, save_embedding_layers=False)
+    model.save_pretrained(folder)  # with a targeted embedding, peft saves its base weights too
     return folder
 
 
