@@ -385,9 +385,8 @@ class PeftMethod:
         cache = model.__dict__.setdefault(_CACHE, {})
         found = cache.get(self.name)
         if found is None:
-            walk = _logical_modules(model, into_layers=True)
             # dict.fromkeys: a module shared by two parents is one layer
-            found = cache[self.name] = list(dict.fromkeys(m for _, _, _, m in walk if m.__dict__.get(TAG) == self.name))
+            found = cache[self.name] = list(dict.fromkeys(site.layer for site in self.sites(model)))
         return found
 
     def forget(self, model: nn.Module) -> None:
@@ -584,7 +583,9 @@ class PeftMethod:
         # Only adapters whose trainability changes (or whose parameters are new) are touched:
         # switching among frozen adapters costs the same with 2 or 100 of them loaded.
         if previous is None:
-            changed = {n for layer in layers for attr in layer.adapter_layer_names for n in getattr(layer, attr, ())}
+            changed = {
+                n for layer in layers for attr in layer.adapter_layer_names for n in _container(layer, attr) or ()
+            }
         else:
             changed = (previous ^ wanted) | fresh
         for name in changed:

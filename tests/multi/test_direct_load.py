@@ -49,7 +49,7 @@ def save_peft_adapter(config, folder, seed=0):
     model = get_peft_model(make_llama(), config)
     torch.manual_seed(seed)
     with torch.no_grad():
-        for name, param in model.named_parameters():
+        for param in model.parameters():
             if param.requires_grad:  # the adapter's weights: random, so outputs differ from the base model
                 param.copy_(torch.randn_like(param) * 0.1)
     model.save_pretrained(folder)  # with a targeted embedding, peft saves its base weights too
