@@ -70,7 +70,7 @@ from adapterkit import (
     hookimpl,
 )
 from adapterkit.routing import check_rows, replaced_forwards
-from adapterkit_peft import PeftMethod, empty_weights
+from adapterkit_peft import PeftMethod, empty_weights, rows_without_biases
 from peft import AdaLoraConfig
 from peft.tuners.adalora import AdaLoraModel
 from peft.tuners.adalora.layer import RankAllocator
@@ -304,7 +304,9 @@ class AdaLoraMethod(PeftMethod):
     @contextlib.contextmanager
     def _per_sample(self, model: nn.Module, rows: list[str]) -> Iterator[None]:
         layers = list(self.layers(model))
-        with replaced_forwards(layers, lambda layer: _RoutedForward(layer, rows)):
+        with rows_without_biases(model, self.name, rows), replaced_forwards(
+            layers, lambda layer: _RoutedForward(layer, rows)
+        ):
             yield
 
     # -- training helpers -------------------------------------------------------------------

@@ -10,17 +10,22 @@ This distribution depends on peft; the core (``adapterkit``) never imports it.
 
 from __future__ import annotations
 
+from .bias import AdapterBiases, biases_of, rows_without_biases
 from .creation import empty_weights, layer_passes_skipped
-from .layers import LayerSite, adapter_tensors, logical_modules, place
+from .layers import LayerSite, adapter_tensors, has_adapter, logical_modules, place
 from .method import TAG, PeftMethod
 
 __all__ = [
+    "AdapterBiases",
     "LayerSite",
     "PeftMethod",
     "TAG",
     "adapter_tensors",
+    "biases_of",
     "empty_weights",
+    "has_adapter",
     "layer_passes_skipped",
     "logical_modules",
     "place",
+    "rows_without_biases",
 ]

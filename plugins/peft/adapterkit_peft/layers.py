@@ -80,20 +80,30 @@ def offloaded(layer: BaseTunerLayer) -> bool:
     return isinstance(weight, torch.Tensor) and weight.is_meta
 
 
-def logical_modules(model: nn.Module, *, into_layers: bool) -> Iterator[tuple[str, nn.Module, str, nn.Module]]:
+def logical_modules(
+    model: nn.Module, *, into_layers: bool, keep: str | None = None
+) -> Iterator[tuple[str, nn.Module, str, nn.Module]]:
     """``(logical path, parent, attr, module)`` for the modules of ``model``, parents before children.
 
     What an adapter layer holds for its adapters is never entered, so the walk costs the
     same with 1 or 100 adapters loaded. With ``into_layers``, a layer's base layer is
     (under the layer's own path: the logical path drops ``base_layer`` hops); without, the
     walk stops at adapter layers, as peft's injection does.
+
+    With ``keep`` (an adapter name), the ``base_layer`` hops of layers holding that adapter
+    stay in the path: the paths are those of the model with that adapter alone, as peft
+    names its keys. They matter where a layer nests more of the same adapter's layers
+    inside its base (peft's MultiheadAttention layer adapts ``base_layer.out_proj``; two
+    ``target_parameters`` of one module are two wrappers, one around the other).
     """
     stack: list[tuple[str, nn.Module]] = [("", model)]
     while stack:
         path, module = stack.pop()
         if isinstance(module, BaseTunerLayer):
             base = module._modules.get("base_layer")
-            children = [(path, "base_layer", base)] if into_layers and base is not None else []
+            hop = keep is not None and has_adapter(module, keep)
+            base_path = (f"{path}.base_layer" if path else "base_layer") if hop else path
+            children = [(base_path, "base_layer", base)] if into_layers and base is not None else []
         else:
             children = [
                 (f"{path}.{attr}" if path else attr, attr, child)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import json
 import warnings
 from collections.abc import Sequence
@@ -15,6 +16,13 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
 from ._peft import ExcludedModule, bare_tuner, convert_config_for_transformers
+from .bias import (
+    bias_option,
+    biases_of,
+    check_one_bias_adapter,
+    forget_adapter_biases,
+    new_adapter_biases,
+)
 from .creation import empty_weights, layer_passes_skipped
 from .layers import (
     LayerSite,
@@ -28,7 +36,7 @@ from .layers import (
     place,
 )
 from .state import check_state_dict, without_saved_base_weights
-from .validation import peft_errors, validate_peft_config, warn_unmatched_patterns
+from .validation import merge_errors, peft_errors, validate_peft_config, warn_unmatched_patterns
 
 __all__ = ["PeftMethod", "TAG"]
 
@@ -37,6 +45,30 @@ TAG = "_adapterkit_method"
 # requires_grad set_active has not applied yet, (method, "params"): {name: [parameters]}}.
 _CACHE = "_adapterkit_peft_layers"
 _UNSET = object()
+
+
+class _BaseTensors:
+    """References (no copies) to the parameters of a layer's base modules, to undo a merge exactly.
+
+    peft's safe merge never writes into the tensors it replaces: it assigns new ``.data`` (or,
+    for MultiheadAttention, new tensors in place of the parameters), so the old ones still hold
+    the values from before the merge.
+    """
+
+    def __init__(self, layer: BaseTunerLayer) -> None:
+        self.saved = [
+            (module, dict(module._parameters), {n: p.data for n, p in module._parameters.items() if p is not None})
+            for module in layer.get_base_layer().modules()
+        ]
+
+    def restore(self) -> None:
+        for module, params, data in self.saved:
+            for attr in params:
+                module.__dict__.pop(attr, None)  # a merged tensor set in place of the parameter
+            module._parameters.clear()
+            module._parameters.update(params)
+            for attr, tensor in data.items():
+                params[attr].data = tensor
 
 
 class PeftMethod:
@@ -78,7 +110,7 @@ class PeftMethod:
         """This method's layers in ``model`` (holding adapter ``name`` if given), with logical paths."""
         found = [
             LayerSite(path, parent, attr, module)
-            for path, parent, attr, module in logical_modules(model, into_layers=True)
+            for path, parent, attr, module in logical_modules(model, into_layers=True, keep=name)
             if module.__dict__.get(TAG) == self.name and (name is None or has_adapter(module, name))
         ]
         found.sort(key=lambda site: site.logical)
@@ -127,8 +159,13 @@ class PeftMethod:
     # -- injection ----------------------------------------------------------------
     @hookimpl
     def adapterkit_inject(self, model: nn.Module, method: str, name: str, config: Any, empty: bool) -> None:
-        if empty and self.direct_load and self._inject_direct(model, method, name, config):
-            return
+        check_one_bias_adapter(model, method, name, config)
+        if not (empty and self.direct_load and self._inject_direct(model, method, name, config)):
+            self._inject_with_tuner(model, method, name, config, empty)
+        if bias_option(config) != "none":
+            new_adapter_biases(model, self.name, name, config, self.sites(model, name))
+
+    def _inject_with_tuner(self, model: nn.Module, method: str, name: str, config: Any, empty: bool) -> None:
         # peft's tuner retouches layers and the requires_grad of every method's adapters
         cache = model.__dict__.get(_CACHE, {})
         for key in [k for k in cache if isinstance(k, tuple)]:
@@ -161,6 +198,7 @@ class PeftMethod:
             or getattr(config, "use_dora", False)  # DoRA's magnitude is computed from the base weight
             or getattr(config, "ensure_weight_tying", False)
             or getattr(config, "target_modules_to_tie", None)
+            or getattr(config, "target_parameters", None)  # peft adapts parameters in a pass of its own
         )
 
     def _inject_direct(self, model: nn.Module, method: str, name: str, config: Any) -> bool:
@@ -218,6 +256,13 @@ class PeftMethod:
                         setattr(layer, TAG, self.name)
                         layers.append(layer)
                     sites.append(LayerSite(key, parent, attr, layer))
+                    # Layers the new one nests in its base (MultiheadAttention adapts its out_proj too).
+                    for path, inner_parent, inner_attr, inner in logical_modules(layer, into_layers=True, keep=name):
+                        if isinstance(inner, BaseTunerLayer) and has_adapter(inner, name):
+                            if TAG not in inner.__dict__:
+                                setattr(inner, TAG, self.name)
+                                layers.append(inner)
+                            sites.append(LayerSite(f"{key}.{path}", inner_parent, inner_attr, inner))
         warn_unmatched_patterns(config, [site.logical for site in sites])
         follow_training_mode(sites, name)
         cache.setdefault((self.name, "fresh"), set()).add(name)
@@ -249,6 +294,9 @@ class PeftMethod:
             for param in self._parameters(model, name):
                 param.requires_grad = flag
         cache[(self.name, "trainable")] = wanted
+        for state in biases_of(model).values():
+            if state.method == self.name:
+                state.update(active=state.name in names, trainable=state.name in wanted)
 
     def _parameters(self, model: nn.Module, name: str) -> list[nn.Parameter]:
         """The parameters of adapter ``name`` in this method's layers (cached until they are replaced)."""
@@ -265,12 +313,19 @@ class PeftMethod:
         for layer in self.layers(model):
             layer.enable_adapters(True)
         model.__dict__.get(_CACHE, {}).pop((self.name, "trainable"), None)  # peft changed requires_grad
+        self._enable_biases(model, True)
 
     @hookimpl
     def adapterkit_disable(self, model: nn.Module, method: str) -> None:
         for layer in self.layers(model):
             layer.enable_adapters(False)
         model.__dict__.get(_CACHE, {}).pop((self.name, "trainable"), None)
+        self._enable_biases(model, False)
+
+    def _enable_biases(self, model: nn.Module, enabled: bool) -> None:
+        for state in biases_of(model).values():
+            if state.method == self.name:
+                state.update(enabled=enabled)
 
     # -- state ------------------------------------------------------------------------
     def file_key(self, suffix: str) -> str:
@@ -288,13 +343,19 @@ class PeftMethod:
 
     @hookimpl
     def adapterkit_extract_state(self, model: nn.Module, method: str, name: str) -> dict[str, torch.Tensor]:
-        return {key: getattr(owner, leaf).detach() for key, (_, owner, leaf) in self._expected(model, name).items()}
+        state = {key: getattr(owner, leaf).detach() for key, (_, owner, leaf) in self._expected(model, name).items()}
+        biases = biases_of(model).get(name)
+        return state if biases is None else {**state, **biases.state()}
 
     @hookimpl
     def adapterkit_load_state(
         self, model: nn.Module, method: str, name: str, state_dict: dict[str, torch.Tensor]
     ) -> None:
         expected = self._expected(model, name)
+        biases = biases_of(model).get(name)
+        if biases is not None:
+            biases.load(state_dict)
+            state_dict = {key: value for key, value in state_dict.items() if key not in biases.entries}
         state_dict = without_saved_base_weights(expected, state_dict, method, name)
         check_state_dict(expected, state_dict, method, name)
         layers, params = {}, []
@@ -333,21 +394,41 @@ class PeftMethod:
                 "cannot merge into layers offloaded by accelerate (weights on the meta device): "
                 f"{sorted(set(offloaded_layers))[:5]}; merge before dispatching, or dispatch the model to one device first"
             )
-        for layer in self.layers(model):
-            present = [n for n in names if has_adapter(layer, n)]
-            if present:
-                layer.merge(adapter_names=present)
+        layers = self.layers(model)
+        merged_before = [(layer, list(layer.merged_adapters)) for layer in layers]
+        kept: list[_BaseTensors] = []
+        try:
+            for layer in layers:
+                # Not those merged already: a layer merges the ones it nests (MultiheadAttention's out_proj).
+                present = [n for n in names if has_adapter(layer, n) and n not in layer.merged_adapters]
+                if present:
+                    kept.append(_BaseTensors(layer))
+                    with merge_errors(method, present, functools.partial(self._path, model, layer)):
+                        # safe_merge: peft computes each merged tensor aside and checks it before it writes
+                        layer.merge(safe_merge=True, adapter_names=present)
+        except BaseException:
+            # Put back the base tensors of the layers merged before the refusal: the model exactly as it was.
+            for saved in reversed(kept):
+                saved.restore()
+            for layer, merged in merged_before:
+                layer.merged_adapters = merged
+            raise
 
     @hookimpl
     def adapterkit_unmerge(self, model: nn.Module, method: str, names: Sequence[str]) -> None:
         # The core unmerges all of a method's merged adapters at once, which is what layer.unmerge() does.
         for layer in self.layers(model):
-            if layer.merged:
+            if layer.merged:  # an outer layer unmerges the ones it nests (layers() lists outer ones first)
                 layer.unmerge()
+
+    def _path(self, model: nn.Module, layer: BaseTunerLayer) -> str:
+        return next((site.logical for site in self.sites(model) if site.layer is layer), type(layer).__name__)
 
     @hookimpl
     def adapterkit_delete(self, model: nn.Module, method: str, name: str) -> None:
-        for site in self.sites(model, name):
+        forget_adapter_biases(model, name)
+        # Innermost first: a layer nested in another's base is unwrapped before its outer layer is.
+        for site in reversed(self.sites(model, name)):
             with warnings.catch_warnings():
                 # peft picks a new active adapter and says so; the core re-applies its own active set.
                 warnings.filterwarnings("ignore", message="Adapter .* was active which is now deleted")
@@ -356,4 +437,3 @@ class PeftMethod:
                 # Unwrap: put back the module this layer replaced.
                 setattr(site.parent, site.attr, site.layer.base_layer)
         self.forget(model)
-

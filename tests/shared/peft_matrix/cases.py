@@ -44,6 +44,17 @@ class Case:
     """Operation ("merge", "per_sample") -> (adapterkit's error, why)."""
 
     @property
+    def exact_after_training(self) -> bool:
+        """Whether training gives bit-identical results in peft and adapterkit.
+
+        Not with nn.MultiheadAttention: peft's layer merges the adapter into the attention weights for
+        each call and subtracts it after, so its base weights move by float rounding on the first call;
+        adapterkit puts the original weights back (the base model stays exact). Later calls then agree
+        up to that rounding.
+        """
+        return self.model != "mha"
+
+    @property
     def peft_mixed_batch(self) -> bool:
         """Whether peft's own ``adapter_names=`` forward computes per-row adapters for this case."""
         return self.method == "lora" and "per_sample" not in self.refuses

@@ -69,6 +69,12 @@ def assert_same_tensors(ours: dict[str, torch.Tensor], theirs: dict[str, torch.T
         assert torch.equal(ours[key], value), key
 
 
+def assert_close_tensors(ours: dict[str, torch.Tensor], theirs: dict[str, torch.Tensor]) -> None:
+    assert sorted(ours) == sorted(theirs)
+    for key, value in theirs.items():
+        assert close(ours[key], value), key
+
+
 def close(a: torch.Tensor, b: torch.Tensor) -> bool:
     """Equal up to float rounding: the same arithmetic in another order (a sub-batch, a merged weight)."""
     return torch.allclose(a, b, rtol=1e-5, atol=1e-5)
@@ -94,6 +100,14 @@ class Snapshot:
 
 class PeftMatrix:
     """One test per operation; subclasses are parametrised with ``case`` (see :func:`peft_matrix.cases_for`)."""
+
+    # peft's own warnings for configs the table uses on purpose (they say what the refusals say)
+    pytestmark = [
+        pytest.mark.filterwarnings("ignore:.*LoRA tensor\\(s\\) have invalid shape"),  # lora_bias's 1-d bias
+        pytest.mark.filterwarnings("ignore:`lora_bias=True` was passed but the targeted layer"),
+        pytest.mark.filterwarnings("ignore:LoRA adapter added to ConvNd layer with groups > 1"),
+        pytest.mark.filterwarnings("ignore:fan_in_fan_out is set to False but the target module is `Conv1D`"),
+    ]
 
     def test_peft_checkpoint_loads_with_peft_outputs(self, case: Case, tmp_path: Path) -> None:
         x = make_input(case.model)
@@ -140,9 +154,10 @@ class PeftMatrix:
 
         sgd_step(model, x)
         sgd_step(theirs, x)
-        assert_same_tensors(model.state_dict(), theirs.base_model.model.state_dict())
-        assert_same_tensors(adapters.state_dict(), get_peft_model_state_dict(theirs))
-        assert torch.equal(run(model, x), run(theirs, x))
+        same = assert_same_tensors if case.exact_after_training else assert_close_tensors
+        same(model.state_dict(), theirs.base_model.model.state_dict())
+        same(adapters.state_dict(), get_peft_model_state_dict(theirs))
+        assert (torch.equal if case.exact_after_training else close)(run(model, x), run(theirs, x))
 
     def test_merge_and_unmerge_like_peft(self, case: Case, tmp_path: Path) -> None:
         x = make_input(case.model)
