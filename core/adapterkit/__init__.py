@@ -36,6 +36,7 @@ from .errors import (
     UnsupportedOperationError,
 )
 from .hookspecs import hookimpl, hookspec
+from .layers import AdaptedLayer, Wrapper
 from .mixin import AdapterMixin
 from .model import BASE, DEFAULT_NAME, Adapters, attach
 from .registry import Method, MethodRegistry, available_methods, default_registry, make_plugin_manager
@@ -46,6 +47,7 @@ except PackageNotFoundError:  # pragma: no cover - running from a source tree
     __version__ = "0+unknown"
 
 __all__ = [
+    "AdaptedLayer",
     "AdapterExistsError",
     "AdapterMixin",
     "AdapterNameError",
@@ -73,6 +75,7 @@ __all__ = [
     "UnknownMethodError",
     "UnsafeCheckpointError",
     "UnsupportedOperationError",
+    "Wrapper",
     "__version__",
     "attach",
     "available_methods",

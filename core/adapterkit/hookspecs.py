@@ -277,3 +277,42 @@ def adapterkit_dispatch(
     :param offload_index: an existing offload index to reuse.
     :returns: ``True`` once the model is placed.
     """
+
+
+# -- composition: stacks of wrappers and checkpoints (issue 12) -------------------------------------------
+@hookspec(firstresult=True)
+def adapterkit_layer_adapters(model: nn.Module, method: str, layer: nn.Module) -> Sequence[str]:
+    """Name the adapters that wrapper ``layer`` of this method holds.
+
+    Optional. The core reads the stacks of wrappers on each adapted layer (see
+    :mod:`adapterkit.layers`) to merge innermost first and to refuse a merge that
+    would not be exact; this hook tells it which adapters sit at which depth.
+    Without it, every wrapper of the method counts as holding all of the
+    method's adapters, which is exact but refuses merges it need not.
+
+    :param model: the model.
+    :param method: the registered method name.
+    :param layer: a wrapper module owned by this method (``adapterkit.layers.owner(layer) == method``).
+    :returns: the names of the adapters it holds.
+    """
+
+
+@hookspec
+def adapterkit_claim_checkpoint(
+    config: dict[str, Any], metadata: dict[str, str], keys: Sequence[str]
+) -> str | None:
+    """Claim a saved adapter for one of this plugin's methods, before the core falls back to ``peft_type``.
+
+    Optional, called on every plugin when ``load()`` reads a checkpoint that does
+    not record the method that wrote it (files adapterkit saved record it in
+    their metadata, and that wins). Return the name of one of the plugin's
+    methods when the files are that method's (e.g. a LoRA variant recognising
+    the keys its config class adds, or its tensor names), else ``None``. Two
+    plugins claiming the same files is an error naming both; the caller then
+    picks with ``load(..., method=...)`` or ``config=``.
+
+    :param config: the saved ``adapter_config.json``, as read.
+    :param metadata: the safetensors header's metadata (empty for pickles).
+    :param keys: the tensor names in the weights file, with peft's ``base_model.model.`` prefix removed.
+    :returns: a method name this plugin registered, or ``None``.
+    """

@@ -20,7 +20,9 @@ import torch
 from torch import nn
 
 from . import files
-from .configs import config_to_dict, resolve_config
+from .configs import checkpoint_method, config_to_dict, resolve_config
+from .layers import AdaptedLayer, adapted_layers, claim, owner
+from .merging import merge_order, runs
 from .errors import (
     AdapterExistsError,
     AdapterNameError,
@@ -76,6 +78,22 @@ class _Snapshot:
             self.children.append((module, dict(module._modules)))
             self.requires_grad.extend((p, p.requires_grad) for p in module._parameters.values() if p is not None)
             stack.extend(child for child in module._modules.values() if child is not None)
+
+    def claim_new_wrappers(self, method: str) -> None:
+        """Record ``method`` as the owner of every wrapper an injection put in place of a recorded child.
+
+        A wrapper keeps what it replaced as ``base_layer``; the chain from the new child down to the
+        old one is the injection's (unless already claimed: another method's wrapper below, or the
+        plugin's own :func:`~adapterkit.layers.claim`). A replacement that does not keep the old child
+        as ``base_layer`` is recorded too, as an opaque wrapper.
+        """
+        for module, children in self.children:
+            for attr, child in module._modules.items():
+                old = children.get(attr, child)
+                node = child
+                while node is not None and node is not old and owner(node) is None:
+                    claim(node, method)
+                    node = node._modules.get("base_layer")
 
     def restore(self) -> None:
         for module, children in self.children:
@@ -271,6 +289,7 @@ class Adapters:
         is_trainable: bool = False,
         config: Any = None,
         state_dict: Mapping[str, torch.Tensor] | None = None,
+        method: str | None = None,
         allow_pickle: bool = False,
         device_map: str | dict[str, Any] | None = None,
         max_memory: dict[Any, Any] | None = None,
@@ -291,6 +310,10 @@ class Adapters:
         :param local_files_only: use only the Hub cache, never the network.
         :param is_trainable: load the adapter trainable (default: frozen, for inference).
         :param config: use this config instead of the saved ``adapter_config.json``.
+        :param method: the method whose adapter this is, when the files do not say it unambiguously (a saved
+            config's ``peft_type`` names a method that several installed plugins build on, e.g. a LoRA
+            variant). By default: the method recorded in the files by adapterkit, else the one a plugin
+            claims (``adapterkit_claim_checkpoint``), else ``peft_type``.
         :param state_dict: use these tensors instead of the saved weights file;
             keys with or without peft's ``base_model.model.`` prefix.
         :param allow_pickle: allow reading ``adapter_model.bin`` (pickle) when no
@@ -307,7 +330,7 @@ class Adapters:
             self._dispatcher()  # fail before loading when no dispatch plugin is installed
         name = DEFAULT_NAME if name is None else name
         self._check_new_name(name)
-        claimed = None
+        metadata: dict[str, str] = {}
         if config is None or state_dict is None:
             if source is None:
                 raise CheckpointError("load() needs a source unless both config= and state_dict= are given")
@@ -323,12 +346,26 @@ class Adapters:
                 need_weights=state_dict is None,
             )
             if state_dict is None:
-                state_dict, claimed = files.read_weights(found.weights)
+                state_dict, metadata = files.read_weights(found.weights)
             if config is None:
                 config = files.read_config(found.config)
-        method, config = resolve_config(config, self.registry, method_name=claimed)
         tensors = files.strip_prefix(state_dict)
-        self._attach(name, method, config, state_dict=tensors, trainable=is_trainable)
+        if method is None and isinstance(config, Mapping) and "method" not in config:
+            method = checkpoint_method(
+                self.registry,
+                config,
+                metadata,
+                list(tensors),
+                recorded_key=files.METHOD_KEY,
+                where=repr(str(source)) if source is not None else "the given config and state_dict",
+            )
+        method_found, config = resolve_config(config, self.registry, method_name=method)
+        if method is not None and method_found is not self.registry.get(method):
+            raise ConfigValueError(
+                f"load(method={method!r}) contradicts the config, which is a {method_found.name!r} config; "
+                "pass one of them"
+            )
+        self._attach(name, method_found, config, state_dict=tensors, trainable=is_trainable)
         if device_map is not None:
             try:
                 self.dispatch(device_map, **placement)
@@ -395,6 +432,7 @@ class Adapters:
                 param.requires_grad_(False)
         try:
             self._call(method, "adapterkit_inject", name=name, config=config, empty=state_dict is not None)
+            snapshot.claim_new_wrappers(method.name)
             if state_dict is not None:
                 self._call(method, "adapterkit_load_state", name=name, state_dict=state_dict)
             self._adapters[name] = _Adapter(name, method, config, trainable)
@@ -517,7 +555,15 @@ class Adapters:
 
     # -- merging and deleting ------------------------------------------------
     def merge(self, names: str | Sequence[str] | None = None) -> None:
-        """Fold adapters (default: the active ones) into the base weights."""
+        """Fold adapters (default: the active ones) into the base weights, innermost first.
+
+        Where several methods wrap the same layer, each adapter folds in after the
+        ones it wraps, whatever the order of ``names`` or of the active list, so the
+        outputs stay what they were. A merge that cannot be exact (an active
+        adapter left unmerged below a merged one, or one whose method cannot merge)
+        raises before anything changes: :class:`UnsupportedOperationError` or
+        :class:`AdapterStateError`, naming the layer and the fix.
+        """
         self._require_adapters("merge")
         items = self._names_list(self._active if names is None else names, "merge")
         if not self._enabled:
@@ -527,9 +573,25 @@ class Adapters:
             raise AdapterStateError(f"adapters {already} are already merged; unmerge() first")
         if not items:
             raise AdapterStateError("nothing to merge: no adapter is active; name the adapters to merge")
+        unable = [n for n in items if not self.registry.implements(self._adapters[n].method, "adapterkit_merge")]
+        if unable:
+            method = self._adapters[unable[0]].method
+            raise UnsupportedOperationError(
+                f"adapters {unable} cannot be merged: method {method.name!r} (plugin {method.plugin_name!r}) "
+                "does not support 'merge'"
+            )
+        order = merge_order(
+            self.layers(),
+            items,
+            active=self._active,
+            merged=self._merged,
+            adapters_of_method=lambda method: [a.name for a in self._adapters.values() if a.method.name == method],
+            can_merge=lambda method: self.registry.implements(self.registry.get(method), "adapterkit_merge"),
+        )
         done: list[tuple[Method, list[str]]] = []
         try:
-            for method, group in self._by_method(items).items():
+            for group in runs(order, self.method):
+                method = self._adapters[group[0]].method
                 self._call(method, "adapterkit_merge", names=group)
                 done.append((method, group))
                 self._merged.extend(group)
@@ -541,13 +603,29 @@ class Adapters:
             raise
 
     def unmerge(self) -> None:
-        """Take every merged adapter back out of the base weights."""
+        """Take every merged adapter back out of the base weights, the last merged first."""
         self._require_adapters("unmerge")
         if not self._merged:
             raise AdapterStateError("nothing to unmerge: no adapter is merged (adapters.merged is empty); merge() first")
-        for method, group in reversed(list(self._by_method(self._merged).items())):
-            self._call(method, "adapterkit_unmerge", names=group)
-            self._merged = [n for n in self._merged if n not in group]
+        for group in reversed(runs(self._merged, self.method)):
+            self._call(self._adapters[group[0]].method, "adapterkit_unmerge", names=group)
+            self._merged = self._merged[: -len(group)]
+
+    def layers(self) -> list[AdaptedLayer]:
+        """The model's adapted layers, each with its stack of wrappers (innermost first) and the adapters they hold.
+
+        See :mod:`adapterkit.layers`. A wrapper's ``adapters`` is ``None`` when its plugin
+        does not implement ``adapterkit_layer_adapters``.
+        """
+        by_name = {method.name: method for method in self._methods()}
+
+        def adapters_of(wrapper: nn.Module, method_name: str) -> Sequence[str] | None:
+            method = by_name.get(method_name)
+            if method is None or not self.registry.implements(method, "adapterkit_layer_adapters"):
+                return None
+            return self._call(method, "adapterkit_layer_adapters", layer=wrapper)
+
+        return adapted_layers(self.model, adapters_of)
 
     def delete(self, name: str) -> None:
         """Remove adapter ``name`` and its parameters; it leaves the active list."""

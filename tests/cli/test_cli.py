@@ -141,10 +141,11 @@ def test_methods_names_the_hooks_a_plugin_leaves_out(capsys, monkeypatch):
         "adapterkit_validate_config",
         "adapterkit_merge",
         "adapterkit_unmerge",
+        "adapterkit_layer_adapters",
     ]
     code, out, _ = cli_run(capsys, "methods")
     assert code == 0
-    assert "not implemented: config_from_dict, config_to_dict, validate_config, merge, unmerge" in out
+    assert "not implemented: config_from_dict, config_to_dict, validate_config, merge, unmerge, layer_adapters" in out
 
 
 def test_console_script_methods_honours_the_plugin_allowlist():

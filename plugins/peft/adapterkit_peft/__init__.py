@@ -12,20 +12,21 @@ from __future__ import annotations
 
 from .bias import AdapterBiases, biases_of, rows_without_biases
 from .creation import empty_weights, layer_passes_skipped
-from .layers import LayerSite, adapter_tensors, has_adapter, logical_modules, place
-from .method import TAG, PeftMethod
+from .layers import LayerSite, adapter_tensors, adapters_held, has_adapter, place
+from .method import PeftMethod
+from .stacking import stack_aware
 
 __all__ = [
     "AdapterBiases",
     "LayerSite",
     "PeftMethod",
-    "TAG",
     "adapter_tensors",
+    "adapters_held",
     "biases_of",
     "empty_weights",
     "has_adapter",
     "layer_passes_skipped",
-    "logical_modules",
     "place",
     "rows_without_biases",
+    "stack_aware",
 ]

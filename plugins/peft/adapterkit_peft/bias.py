@@ -29,10 +29,10 @@ from typing import Any
 
 import torch
 from adapterkit import ConfigValueError, StateDictMismatchError, UnsupportedOperationError
-from peft.tuners.tuners_utils import BaseTunerLayer
+from adapterkit.layers import owner, walk
 from torch import nn
 
-from .layers import LayerSite, has_adapter, logical_modules
+from .layers import LayerSite, has_adapter
 
 __all__ = [
     "AdapterBiases",
@@ -179,23 +179,28 @@ def check_one_bias_adapter(model: nn.Module, method: str, name: str, config: Any
         )
 
 
-def bias_targets(model: nn.Module, name: str, option: str, sites: Sequence[LayerSite]) -> dict[str, tuple[nn.Module, str]]:
-    """``{peft's key: (module, "bias")}`` of the biases adapter ``name`` trains with ``bias=option``."""
+def bias_targets(
+    model: nn.Module, method: str, name: str, option: str, sites: Sequence[LayerSite]
+) -> dict[str, tuple[nn.Module, str]]:
+    """``{peft's key: (module, "bias")}`` of the biases adapter ``name`` (of ``method``) trains with ``bias=option``."""
+
+    def own(wrapper: nn.Module) -> bool:
+        return owner(wrapper) == method and has_adapter(wrapper, name)
+
     found: dict[str, tuple[nn.Module, str]] = {}
     if option == "all":
-        # Every bias of the model, as peft selects them (state-dict keys ending in ".bias"), outside adapters.
-        for path, _, _, module in [("", None, "", model), *logical_modules(model, into_layers=True, keep=name)]:
-            if isinstance(module, BaseTunerLayer):
-                continue
-            if _bias_of(module) is not None:
+        # Every bias of the model, as peft selects them (state-dict keys ending in ".bias"), outside adapters;
+        # keys as with this adapter alone (the hops of its own wrappers kept, other wrappers left out).
+        for path, _, _, module in [("", None, "", model), *walk(model, own)]:
+            if owner(module) is None and _bias_of(module) is not None:
                 found[f"{path}.bias" if path else "bias"] = (module, "bias")
         return found
     # "<method>_only": the bias of each layer the adapter adapts (peft: the tuner layers' `bias`).
     for site in sites:
-        base = site.layer.base_layer
-        while isinstance(base, BaseTunerLayer) and not has_adapter(base, name):
-            base = base.base_layer  # another method's layer around the base: not in the adapter's keys
-        if not isinstance(base, BaseTunerLayer) and _bias_of(base) is not None:
+        base = site.layer._modules.get("base_layer")
+        while base is not None and owner(base) is not None and not own(base):
+            base = base._modules.get("base_layer")  # another adapter's wrapper around the base: not in the keys
+        if base is not None and owner(base) is None and _bias_of(base) is not None:
             found[f"{site.logical}.base_layer.bias"] = (base, "bias")
     return found
 
@@ -238,7 +243,7 @@ def new_adapter_biases(
     option = bias_option(config)
     if option == "none":
         return None
-    targets = bias_targets(model, name, option, sites)
+    targets = bias_targets(model, method, name, option, sites)
     offloaded = [key for key, (owner, leaf) in targets.items() if _bias_of(owner).is_meta]
     if offloaded:
         raise UnsupportedOperationError(

@@ -15,11 +15,11 @@ from ._peft import BufferDict, base_device_and_dtype
 __all__ = [
     "LayerSite",
     "adapter_tensors",
+    "adapters_held",
     "container",
     "follow_training_mode",
     "has_adapter",
     "is_empty",
-    "logical_modules",
     "offloaded",
     "place",
 ]
@@ -30,8 +30,8 @@ class LayerSite:
     """An adapter layer, where it sits (``getattr(parent, attr) is layer``), and its logical path.
 
     The logical path is the module path with the ``base_layer`` hops of wrappers
-    removed: the same whatever other adapters wrap the layer, and the path peft
-    uses for the layer's keys when it is alone.
+    removed (see :mod:`adapterkit.layers`): the same whatever other adapters wrap
+    the layer, and the path peft uses for the layer's keys when it is alone.
     """
 
     logical: str
@@ -80,39 +80,9 @@ def offloaded(layer: BaseTunerLayer) -> bool:
     return isinstance(weight, torch.Tensor) and weight.is_meta
 
 
-def logical_modules(
-    model: nn.Module, *, into_layers: bool, keep: str | None = None
-) -> Iterator[tuple[str, nn.Module, str, nn.Module]]:
-    """``(logical path, parent, attr, module)`` for the modules of ``model``, parents before children.
-
-    What an adapter layer holds for its adapters is never entered, so the walk costs the
-    same with 1 or 100 adapters loaded. With ``into_layers``, a layer's base layer is
-    (under the layer's own path: the logical path drops ``base_layer`` hops); without, the
-    walk stops at adapter layers, as peft's injection does.
-
-    With ``keep`` (an adapter name), the ``base_layer`` hops of layers holding that adapter
-    stay in the path: the paths are those of the model with that adapter alone, as peft
-    names its keys. They matter where a layer nests more of the same adapter's layers
-    inside its base (peft's MultiheadAttention layer adapts ``base_layer.out_proj``; two
-    ``target_parameters`` of one module are two wrappers, one around the other).
-    """
-    stack: list[tuple[str, nn.Module]] = [("", model)]
-    while stack:
-        path, module = stack.pop()
-        if isinstance(module, BaseTunerLayer):
-            base = module._modules.get("base_layer")
-            hop = keep is not None and has_adapter(module, keep)
-            base_path = (f"{path}.base_layer" if path else "base_layer") if hop else path
-            children = [(base_path, "base_layer", base)] if into_layers and base is not None else []
-        else:
-            children = [
-                (f"{path}.{attr}" if path else attr, attr, child)
-                for attr, child in module._modules.items()
-                if child is not None
-            ]
-        for child_path, attr, child in children:
-            yield child_path, module, attr, child
-        stack.extend((child_path, child) for child_path, _, child in reversed(children))
+def adapters_held(layer: BaseTunerLayer) -> list[str]:
+    """The adapters ``layer`` holds, in the order it added them."""
+    return list(dict.fromkeys(n for attr in layer.adapter_layer_names for n in container(layer, attr) or ()))
 
 
 def place(layer: BaseTunerLayer, name: str, device: torch.device | None = None) -> bool:

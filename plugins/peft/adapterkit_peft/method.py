@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 from adapterkit import UnsupportedOperationError, hookimpl
+from adapterkit.layers import claim, owner, positions, walk
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
@@ -27,20 +28,20 @@ from .creation import empty_weights, layer_passes_skipped
 from .layers import (
     LayerSite,
     adapter_tensors,
+    adapters_held,
     container,
     follow_training_mode,
     has_adapter,
     is_empty,
-    logical_modules,
     offloaded,
     place,
 )
+from .stacking import stack_aware
 from .state import check_state_dict, without_saved_base_weights
 from .validation import merge_errors, peft_errors, validate_peft_config, warn_unmatched_patterns
 
-__all__ = ["PeftMethod", "TAG"]
+__all__ = ["PeftMethod"]
 
-TAG = "_adapterkit_method"
 # Model attribute: {method: [layers], (method, "trainable"): set of names, (method, "fresh"): names whose
 # requires_grad set_active has not applied yet, (method, "params"): {name: [parameters]}}.
 _CACHE = "_adapterkit_peft_layers"
@@ -105,13 +106,22 @@ class PeftMethod:
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.name!r})"
 
+    @property
+    def _tuner_class(self) -> type:
+        """The tuner, made to wrap other methods' layers instead of extending them (see :mod:`adapterkit_peft.stacking`)."""
+        return stack_aware(self.tuner_type, self.name)
+
     # -- layer bookkeeping ----------------------------------------------------
     def sites(self, model: nn.Module, name: str | None = None) -> list[LayerSite]:
-        """This method's layers in ``model`` (holding adapter ``name`` if given), with logical paths."""
+        """This method's layers in ``model`` (holding adapter ``name`` if given), with logical paths.
+
+        The layers are the wrappers the core records as this method's (:func:`adapterkit.layers.owner`),
+        at any depth of their stacks.
+        """
         found = [
             LayerSite(path, parent, attr, module)
-            for path, parent, attr, module in logical_modules(model, into_layers=True, keep=name)
-            if module.__dict__.get(TAG) == self.name and (name is None or has_adapter(module, name))
+            for path, parent, attr, module in walk(model, None if name is None else self._holds(name))
+            if owner(module) == self.name and (name is None or has_adapter(module, name))
         ]
         found.sort(key=lambda site: site.logical)
         return found
@@ -177,15 +187,16 @@ class PeftMethod:
             # The tuner wraps the targets in place; we keep the layers, not the tuner. For a load, its
             # weights are empty (peft's own low_cpu_mem_usage would patch torch for the whole process).
             with peft_errors(method, name), empty_weights() if empty else contextlib.nullcontext():
-                self.tuner_type(model, config, adapter_name=name, low_cpu_mem_usage=False)
+                self._tuner_class(model, config, adapter_name=name, low_cpu_mem_usage=False)
         finally:
             # peft leaves model.peft_config behind; adapterkit keeps configs itself.
             model.__dict__.pop("peft_config", None)
             if previous is not _UNSET:
                 model.__dict__["peft_config"] = previous
         for module in model.modules():
-            if isinstance(module, BaseTunerLayer) and not hasattr(module, TAG) and has_adapter(module, name):
-                setattr(module, TAG, self.name)
+            # The tuner's new layers: claimed now, so that sites() finds them before the core records them.
+            if isinstance(module, BaseTunerLayer) and owner(module) is None and has_adapter(module, name):
+                claim(module, self.name)
         self.forget(model)
         follow_training_mode(self.sites(model, name), name)
 
@@ -213,18 +224,9 @@ class PeftMethod:
         """
         if not self._direct_load_fits(config):
             return False
-        tuner = bare_tuner(self.tuner_type, model, name, config)
-        replace = tuner._replace_module
-
-        def _replace_module(parent: nn.Module, attr: str, new: nn.Module, old: nn.Module) -> None:
-            # peft's version also moves the new layer's adapter to the base layer's device, scanning
-            # every submodule; the load places the adapter's weights itself (see place()).
-            if hasattr(new, "base_layer") and getattr(getattr(old, "base_layer", old), "state", None) is None:
-                setattr(parent, attr, new)
-            else:
-                replace(parent, attr, new, old)
-
-        tuner._replace_module = _replace_module
+        tuner = bare_tuner(self._tuner_class, model, name, config)
+        # The load places the adapter's weights itself (see place()): skip peft's device scan of each new layer.
+        tuner.__dict__["_adapterkit_direct"] = True
         with peft_errors(method, name):
             if hasattr(getattr(model, "config", None), "model_type"):
                 convert_config_for_transformers(config, model)
@@ -232,7 +234,7 @@ class PeftMethod:
             tuner._check_tied_modules(model, config)
             config = tuner._prepare_adapter_config(config, tuner.get_model_config(model))
             tuner._prepare_model(config, model)
-            walked = list(logical_modules(model, into_layers=False))
+            walked = list(positions(model))
             targets = [
                 site
                 for site in walked
@@ -242,25 +244,26 @@ class PeftMethod:
             if not targets or not self._direct_load_fits(config):
                 return False  # the tuner raises (or warns) in its own words
             cache = model.__dict__.setdefault(_CACHE, {})
-            if self.name not in cache and not any(isinstance(site[3], BaseTunerLayer) for site in walked):
+            if self.name not in cache and not any(owner(site[3]) is not None for site in walked):
                 cache[self.name] = []  # no adapter layer anywhere yet: nothing for layers() to walk for
             layers = self.layers(model)
             sites = []
-            existing = [target for _, _, _, target in targets if isinstance(target, BaseTunerLayer)]
+            existing = [target for _, _, _, target in targets if owner(target) == self.name]
             with empty_weights(), layer_passes_skipped(existing):
                 for key, parent, attr, target in targets:
                     tuner._check_target_module_compatiblity(config, model, attr)
                     tuner._create_and_replace(config, name, target, attr, parent, current_key=key)
                     layer = parent._modules[attr]
                     if layer is not target:
-                        setattr(layer, TAG, self.name)
+                        claim(layer, self.name)
                         layers.append(layer)
                     sites.append(LayerSite(key, parent, attr, layer))
-                    # Layers the new one nests in its base (MultiheadAttention adapts its out_proj too).
-                    for path, inner_parent, inner_attr, inner in logical_modules(layer, into_layers=True, keep=name):
-                        if isinstance(inner, BaseTunerLayer) and has_adapter(inner, name):
-                            if TAG not in inner.__dict__:
-                                setattr(inner, TAG, self.name)
+                    # Layers the new one nests in its base (MultiheadAttention adapts its out_proj too); claimed
+                    # as they are met, so that the walk then treats them as the wrappers they are.
+                    for path, inner_parent, inner_attr, inner in walk(layer, self._holds(name)):
+                        if isinstance(inner, BaseTunerLayer) and owner(inner) in (None, self.name) and has_adapter(inner, name):
+                            if owner(inner) is None:
+                                claim(inner, self.name)
                                 layers.append(inner)
                             sites.append(LayerSite(f"{key}.{path}", inner_parent, inner_attr, inner))
         warn_unmatched_patterns(config, [site.logical for site in sites])
@@ -416,10 +419,27 @@ class PeftMethod:
 
     @hookimpl
     def adapterkit_unmerge(self, model: nn.Module, method: str, names: Sequence[str]) -> None:
-        # The core unmerges all of a method's merged adapters at once, which is what layer.unmerge() does.
+        taken = set(names)
         for layer in self.layers(model):
-            if layer.merged:  # an outer layer unmerges the ones it nests (layers() lists outer ones first)
+            # (an outer layer unmerges the ones it nests, MultiheadAttention's out_proj: layers() lists it first)
+            merged = list(layer.merged_adapters)
+            if not taken.intersection(merged):
+                continue
+            # The core unmerges the last merged first: here a tail of what this layer merged.
+            keep = [n for n in merged if n not in taken]
+            layer.merged_adapters = [n for n in merged if n in taken]
+            try:
                 layer.unmerge()
+            finally:
+                layer.merged_adapters = keep + layer.merged_adapters
+
+    @hookimpl
+    def adapterkit_layer_adapters(self, model: nn.Module, method: str, layer: nn.Module) -> list[str]:
+        return adapters_held(layer)
+
+    def _holds(self, name: str) -> Any:
+        """``walk``'s ``keep``: this method's wrappers holding adapter ``name`` (their hops are in its keys)."""
+        return lambda wrapper: owner(wrapper) == self.name and has_adapter(wrapper, name)
 
     def _path(self, model: nn.Module, layer: BaseTunerLayer) -> str:
         return next((site.logical for site in self.sites(model) if site.layer is layer), type(layer).__name__)
