@@ -61,9 +61,9 @@ def biases_of(model: nn.Module) -> dict[str, AdapterBiases]:
 
 @dataclasses.dataclass
 class _Bias:
-    """One base bias: ``owner.<leaf>`` (a parameter, or a persistent buffer, which ``bias="all"`` saves too)."""
+    """One base bias: ``module.<leaf>`` (a parameter, or a persistent buffer, which ``bias="all"`` saves too)."""
 
-    owner: nn.Module
+    module: nn.Module
     leaf: str
     original: torch.Tensor
     requires_grad: bool
@@ -71,8 +71,8 @@ class _Bias:
 
     @property
     def tensor(self) -> torch.Tensor:
-        found = self.owner._parameters.get(self.leaf)
-        return found if found is not None else self.owner._buffers[self.leaf]
+        found = self.module._parameters.get(self.leaf)
+        return found if found is not None else self.module._buffers[self.leaf]
 
 
 class AdapterBiases:
@@ -85,14 +85,14 @@ class AdapterBiases:
         self.active = False
         self.entries: dict[str, _Bias] = {}
         seen: dict[int, _Bias] = {}
-        for key, (owner, leaf) in targets.items():
-            tensor = owner._parameters.get(leaf)
-            tensor = tensor if tensor is not None else owner._buffers[leaf]
+        for key, (module, leaf) in targets.items():
+            tensor = module._parameters.get(leaf)
+            tensor = tensor if tensor is not None else module._buffers[leaf]
             # A bias shared by two modules is saved under both keys (as peft does) but restored once.
             entry = seen.get(id(tensor))
             if entry is None:
                 original = tensor.detach().clone()
-                entry = seen[id(tensor)] = _Bias(owner, leaf, original, tensor.requires_grad, original.clone())
+                entry = seen[id(tensor)] = _Bias(module, leaf, original, tensor.requires_grad, original.clone())
             self.entries[key] = entry
 
     def _unique(self) -> list[_Bias]:
@@ -112,7 +112,9 @@ class AdapterBiases:
         ]
         if missing or wrong:
             problems = "; ".join(
-                f"{label}: {', '.join(items[:5])}" for label, items in (("missing", missing), ("wrong shapes", wrong)) if items
+                f"{label}: {', '.join(items[:5])}"
+                for label, items in (("missing", missing), ("wrong shapes", wrong))
+                if items
             )
             raise StateDictMismatchError(
                 f"{self.method} adapter {self.name!r} has bias={self.option!r}, but the checkpoint's biases do not fit "
@@ -173,8 +175,8 @@ def check_one_bias_adapter(model: nn.Module, method: str, name: str, config: Any
         return
     for other in biases_of(model).values():
         raise ConfigValueError(
-            f"{method} adapter {name!r} has bias={option!r}, but adapter {other.name!r} ({other.method}) already trains "
-            f"the base biases (bias={other.option!r}); as in peft, one adapter per model may. Delete {other.name!r} "
+            f"{method} adapter {name!r} has bias={option!r}, but adapter {other.name!r} ({other.method}) already "
+            f"trains the base biases (bias={other.option!r}); as in peft, one adapter per model may. Delete {other.name!r} "
             "first, or use bias='none'"
         )
 
@@ -244,7 +246,7 @@ def new_adapter_biases(
     if option == "none":
         return None
     targets = bias_targets(model, method, name, option, sites)
-    offloaded = [key for key, (owner, leaf) in targets.items() if _bias_of(owner).is_meta]
+    offloaded = [key for key, (module, _) in targets.items() if _bias_of(module).is_meta]
     if offloaded:
         raise UnsupportedOperationError(
             f"{method} adapter {name!r} has bias={option!r}, but biases it would train are offloaded by accelerate "

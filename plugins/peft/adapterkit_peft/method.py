@@ -261,7 +261,8 @@ class PeftMethod:
                     # Layers the new one nests in its base (MultiheadAttention adapts its out_proj too); claimed
                     # as they are met, so that the walk then treats them as the wrappers they are.
                     for path, inner_parent, inner_attr, inner in walk(layer, self._holds(name)):
-                        if isinstance(inner, BaseTunerLayer) and owner(inner) in (None, self.name) and has_adapter(inner, name):
+                        mine = owner(inner) in (None, self.name)
+                        if isinstance(inner, BaseTunerLayer) and mine and has_adapter(inner, name):
                             if owner(inner) is None:
                                 claim(inner, self.name)
                                 layers.append(inner)

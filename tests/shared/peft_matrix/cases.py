@@ -83,7 +83,9 @@ def _ia3(id: str, model: str, **config: Any) -> Case:
     return Case(id, model, "ia3", config)
 
 
-def _adalora(id: str, model: str, refuses: Mapping[str, tuple[type[Exception], str]] | None = None, **config: Any) -> Case:
+def _adalora(
+    id: str, model: str, refuses: Mapping[str, tuple[type[Exception], str]] | None = None, **config: Any
+) -> Case:
     return Case(id, model, "adalora", {"total_step": 1, **config}, refuses or {})
 
 
@@ -204,7 +206,9 @@ REFUSED: list[RefusedCase] = [
     RefusedCase("adalora-emb", "tokens_conv1D", "adalora", {"target_modules": ["emb"], "total_step": 1}, TargetError),
     RefusedCase("adalora-mha", "mha", "adalora", {"target_modules": ["mha"], "total_step": 1}, TargetError),
     RefusedCase("lora-mha-dora", "mha", "lora", {"target_modules": ["mha"], "use_dora": True}, ConfigValueError),
-    RefusedCase("lora-emb-lora-bias", "tokens_conv1D", "lora", {"target_modules": ["emb"], "lora_bias": True}, TargetError),
+    RefusedCase(
+        "lora-emb-lora-bias", "tokens_conv1D", "lora", {"target_modules": ["emb"], "lora_bias": True}, TargetError
+    ),
     RefusedCase("lora-groups-rank", "conv2d_groups", "lora", {"target_modules": ["conv"], "r": 3}, ConfigValueError),
 ]
 

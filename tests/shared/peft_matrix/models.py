@@ -54,14 +54,8 @@ class Convolution(nn.Module):
     def __init__(self, dims: int, groups: int = 1, kernel: int = 3) -> None:
         super().__init__()
         conv = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}[dims]
-        self.dims = dims
         self.conv = conv(4, 8, kernel, groups=groups)
-        side = self.side - kernel + 1
-        self.head = nn.Linear(8 * side**dims, 3)
-
-    @property
-    def side(self) -> int:
-        return 4 if self.dims == 3 else 5
+        self.head = nn.Linear(8 * (_side(dims) - kernel + 1) ** dims, 3)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(torch.relu(self.conv(x)).flatten(1))
@@ -162,9 +156,15 @@ def _tokens() -> torch.Tensor:
     return torch.randint(0, 30, (BATCH, 4), generator=torch.Generator().manual_seed(1))
 
 
-def _convolution(dims: int, groups: int = 1, kernel: int = 3) -> tuple[Callable[[], nn.Module], Callable[[], torch.Tensor]]:
-    side = 4 if dims == 3 else 5
-    return (lambda: Convolution(dims, groups, kernel)), _floats(4, *[side] * dims)
+def _convolution(
+    dims: int, groups: int = 1, kernel: int = 3
+) -> tuple[Callable[[], nn.Module], Callable[[], torch.Tensor]]:
+    return (lambda: Convolution(dims, groups, kernel)), _floats(4, *[_side(dims)] * dims)
+
+
+def _side(dims: int) -> int:
+    """The input's side length per spatial dimension (smaller in 3-d, to keep the models tiny)."""
+    return 4 if dims == 3 else 5
 
 
 # name -> (model factory, input factory)

@@ -215,7 +215,8 @@ class PeftMatrix:
         x = make_input(case.model)
         first = peft_checkpoint(case, tmp_path / "a", seed=1, train=False)
         # peft allows one adapter with a bias option per model
-        second = peft_checkpoint(case, tmp_path / "b", seed=2, train=False, **({"bias": "none"} if case.bias != "none" else {}))
+        plain = {"bias": "none"} if case.bias != "none" else {}
+        second = peft_checkpoint(case, tmp_path / "b", seed=2, train=False, **plain)
         model = make_model(case.model)
         adapters = adapterkit.attach(model)
         adapters.load(first, "a")
