@@ -277,3 +277,38 @@ def adapterkit_dispatch(
     :param offload_index: an existing offload index to reuse.
     :returns: ``True`` once the model is placed.
     """
+
+
+# -- issue 11: per-step training work --------------------------------------------------------------------------
+@hookspec(firstresult=True)
+def adapterkit_training_step(model: nn.Module, method: str, names: Sequence[str], global_step: int) -> None:
+    """Do this method's work for one finished optimizer step (AdaLoRA: rank allocation).
+
+    Optional: a method without per-step work leaves it out, and
+    :meth:`Adapters.training_step` skips it. Called once per optimizer step, after
+    ``optimizer.step()`` and before ``optimizer.zero_grad()``, so gradients are still
+    there; adapterkit's Trainer integration (:mod:`adapterkit.trainer`) calls it
+    for every method, so no training script names a method.
+
+    :param model: the model.
+    :param method: the registered method name.
+    :param names: this method's adapters being trained (trainable, active, adapters
+        enabled), in order; never empty.
+    :param global_step: the optimizer step that just finished, counting from 0.
+    """
+
+
+@hookspec(firstresult=True)
+def adapterkit_regularization(model: nn.Module, method: str, names: Sequence[str]) -> torch.Tensor | None:
+    """Return this method's term to add to the training loss (AdaLoRA: orthogonal regularisation).
+
+    Optional: without it the method adds nothing. :meth:`Adapters.regularization`
+    sums the terms of every method; adapterkit's Trainer integration adds that sum
+    to the model's loss in every training forward.
+
+    :param model: the model.
+    :param method: the registered method name.
+    :param names: this method's adapters being trained (trainable, active, adapters
+        enabled), in order; never empty.
+    :returns: a scalar tensor that carries gradients to the adapters, or ``None`` for no term.
+    """

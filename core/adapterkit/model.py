@@ -11,15 +11,17 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import weakref
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from os import PathLike
+from pathlib import Path
 from typing import Any
 
 import attrs
 import torch
 from torch import nn
 
-from . import files
+from . import files, training
 from .configs import config_to_dict, resolve_config
 from .errors import (
     AdapterExistsError,
@@ -125,7 +127,9 @@ class Adapters:
     """
 
     def __init__(self, model: nn.Module, registry: MethodRegistry | None = None) -> None:
-        self.model = model
+        # A weak reference: the model holds this object, so a strong one back would be a cycle, and a
+        # model with adapters would stay alive after its last reference went, until a garbage-collector pass.
+        self._model = weakref.ref(model)
         self.registry = registry or default_registry()
         self._adapters: dict[str, _Adapter] = {}
         self._active: list[str] = []
@@ -134,6 +138,14 @@ class Adapters:
         self._method_list: list[Method] | None = None  # the methods in use (see _methods)
 
     # -- state ---------------------------------------------------------------
+    @property
+    def model(self) -> nn.Module:
+        """The model these adapters belong to."""
+        model = self._model()
+        if model is None:
+            raise AdapterStateError("the model of these adapters no longer exists (it was freed); attach() a live model")
+        return model
+
     @property
     def names(self) -> list[str]:
         """All attached adapters, in the order they were added."""
@@ -157,6 +169,10 @@ class Adapters:
     def method(self, name: str) -> Method:
         """The method of adapter ``name``."""
         return self._get(name).method
+
+    def trainable(self, name: str) -> bool:
+        """Whether adapter ``name`` was added, or loaded with ``is_trainable=True`` (it trains while active and enabled)."""
+        return self._get(name).trainable
 
     def config(self, name: str) -> Any:
         """The config of adapter ``name`` (the object in use; copy it before changing it)."""
@@ -484,17 +500,16 @@ class Adapters:
             if taken:
                 raise CheckpointExistsError(f"{taken} already hold an adapter; pass overwrite=True to replace them")
         for name in items:
-            adapter = self._adapters[name]
-            data = config_to_dict(adapter.config, self.registry)
-            data["inference_mode"] = True
-            if data.get("base_model_name_or_path") is None and "base_model_name_or_path" in data:
-                data["base_model_name_or_path"] = getattr(self.model, "name_or_path", None) or None
-            files.write_adapter(
-                files.adapter_folder(directory, name),
-                config=data,
-                tensors=self.state_dict(name),
-                method=adapter.method,
-            )
+            self._write(name, files.adapter_folder(directory, name))
+
+    def _write(self, name: str, folder: PathLike[str] | str) -> None:
+        """Write adapter ``name``'s files into ``folder`` (crash-safe, replacing what is there)."""
+        adapter = self._adapters[name]
+        data = config_to_dict(adapter.config, self.registry)
+        data["inference_mode"] = True
+        if data.get("base_model_name_or_path") is None and "base_model_name_or_path" in data:
+            data["base_model_name_or_path"] = getattr(self.model, "name_or_path", None) or None
+        files.write_adapter(Path(folder), config=data, tensors=self.state_dict(name), method=adapter.method)
 
     # -- merging and deleting ------------------------------------------------
     def merge(self, names: str | Sequence[str] | None = None) -> None:
@@ -541,6 +556,25 @@ class Adapters:
         self._active = [n for n in self._active if n != name]
         self._apply_active()
 
+    # -- training --------------------------------------------------------------
+    def training_step(self, global_step: int) -> None:
+        """Run every method's per-step work for the adapters being trained (AdaLoRA: rank allocation).
+
+        Call it once per optimizer step, after ``optimizer.step()`` and before
+        ``optimizer.zero_grad()`` (methods may read the gradients), with the step
+        counting from 0. Methods without per-step work are skipped, so a training
+        loop calls it whatever the methods are. See :mod:`adapterkit.training`.
+        """
+        training.training_step(self, global_step)
+
+    def regularization(self) -> torch.Tensor:
+        """The sum of every method's loss term for the adapters being trained (AdaLoRA: orthogonal regularisation).
+
+        Add it to the loss: ``loss = model(**batch).loss + adapters.regularization()``.
+        A scalar zero when no method adds a term.
+        """
+        return training.regularization(self)
+
     # -- mixed batches -------------------------------------------------------
     @contextlib.contextmanager
     def per_sample(self, rows: Sequence[str]) -> Iterator[None]:
@@ -578,12 +612,14 @@ class Adapters:
     # -- copying ---------------------------------------------------------------
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
+        state["_model"] = self._model()  # pickled with the model it belongs to (pickle keeps the cycle's identity)
         state.pop("registry")  # plugin managers do not pickle; the default one is rebuilt on load
         state.pop("_method_list", None)  # a cache
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
+        self._model = weakref.ref(state["_model"])
         self.registry = default_registry()
         self._method_list = None
 
@@ -591,7 +627,10 @@ class Adapters:
         new = Adapters.__new__(Adapters)
         memo[id(self)] = new
         for key, value in self.__dict__.items():
-            new.__dict__[key] = value if key == "registry" else copy.deepcopy(value, memo)
+            if key == "_model":
+                new.__dict__[key] = weakref.ref(copy.deepcopy(value(), memo))
+            else:
+                new.__dict__[key] = value if key == "registry" else copy.deepcopy(value, memo)
         return new
 
 
