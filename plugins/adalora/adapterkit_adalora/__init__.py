@@ -339,6 +339,16 @@ class AdaLoraMethod(PeftMethod):
             )
         return training
 
+    # -- per-step hooks: the core's training_step() and regularization() -------------------------
+    @hookimpl
+    def adapterkit_training_step(self, model: nn.Module, method: str, names: Sequence[str], global_step: int) -> None:
+        for name in names:
+            self._allocate(model, name, global_step)
+
+    @hookimpl
+    def adapterkit_regularization(self, model: nn.Module, method: str, names: Sequence[str]) -> torch.Tensor | None:
+        return self._regularization(model, list(names))
+
     def update_and_allocate(self, model: nn.Module, global_step: int, name: str | None = None) -> None:
         """See :func:`adapterkit_adalora.update_and_allocate`."""
         if isinstance(global_step, bool) or not isinstance(global_step, int) or global_step < 0:
@@ -397,8 +407,11 @@ class AdaLoraMethod(PeftMethod):
 
     def orthogonal_regularization(self, model: nn.Module, name: str | None = None) -> torch.Tensor:
         """See :func:`adapterkit_adalora.orthogonal_regularization`."""
+        return self._regularization(model, self._adapters_in_training(model, name, "orthogonal_regularization"))
+
+    def _regularization(self, model: nn.Module, names: list[str]) -> torch.Tensor:
         total: torch.Tensor | None = None
-        for adapter in self._adapters_in_training(model, name, "orthogonal_regularization"):
+        for adapter in names:
             kinds = {id(param): attr for _, attr, param in self._triplets(model, adapter) if attr != "lora_E"}
             regu: Any = 0
             count = 0
