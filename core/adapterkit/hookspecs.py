@@ -100,7 +100,9 @@ def adapterkit_validate_config(method: str, config: Any) -> None:
 
 
 @hookspec(firstresult=True)
-def adapterkit_inject(model: nn.Module, method: str, name: str, config: Any, empty: bool) -> None:
+def adapterkit_inject(
+    model: nn.Module, method: str, name: str, config: Any, empty: bool, autocast_adapter_dtype: bool
+) -> None:
     """Create adapter ``name`` in ``model``: wrap or extend the targeted layers.
 
     Required. The new adapter need not be made active; the core calls
@@ -116,6 +118,11 @@ def adapterkit_inject(model: nn.Module, method: str, name: str, config: Any, emp
     :param empty: ``True`` when weights are about to be loaded: create them on the
         meta device without initialising them; :func:`adapterkit_load_state`
         assigns real tensors.
+    :param autocast_adapter_dtype: ``True`` (the default of ``add`` and ``load``): adapter
+        weights on a half-precision (float16/bfloat16) layer are made float32, also
+        after a load, as peft's ``autocast_adapter_dtype`` does, so small updates are not
+        rounded away in training; ``False``: they take the layer's dtype. Methods that
+        keep no floating weights ignore it.
     """
 
 

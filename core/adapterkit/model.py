@@ -261,17 +261,20 @@ class Adapters:
             self._call(method, "adapterkit_set_active", names=names, trainable=trainable)
 
     # -- adding --------------------------------------------------------------
-    def add(self, config: Any, name: str = DEFAULT_NAME) -> str:
+    def add(self, config: Any, name: str = DEFAULT_NAME, *, autocast_adapter_dtype: bool = True) -> str:
         """Add a new, freshly initialised, trainable adapter and make it the only active one.
 
         :param config: a config string (``"lora[r=8]"``), a dict with a ``method``
             key, a saved ``adapter_config.json`` dict, or a method's config object.
         :param name: the adapter's name; must not be in use.
+        :param autocast_adapter_dtype: on a float16/bfloat16 model, create the adapter's
+            weights in float32 (the default, as peft does: half-precision weights lose most
+            small updates); ``False`` keeps the dtype of the layers they adapt.
         :returns: the name.
         """
         self._check_new_name(name)
         method, config = resolve_config(config, self.registry)
-        self._attach(name, method, config, state_dict=None, trainable=True)
+        self._attach(name, method, config, state_dict=None, trainable=True, autocast_adapter_dtype=autocast_adapter_dtype)
         return name
 
     def load(
@@ -292,6 +295,7 @@ class Adapters:
         max_memory: dict[Any, Any] | None = None,
         offload_folder: str | PathLike[str] | None = None,
         offload_index: dict[str, Any] | None = None,
+        autocast_adapter_dtype: bool = True,
     ) -> str:
         """Load a saved adapter (peft format) from a local folder or a Hub repo and make it the only active one.
 
@@ -314,6 +318,9 @@ class Adapters:
         :param device_map: after loading, re-dispatch the model with this device
             map (needs the dispatch plugin, see :meth:`dispatch`); ``max_memory``,
             ``offload_folder`` and ``offload_index`` go with it.
+        :param autocast_adapter_dtype: on a float16/bfloat16 model, keep the adapter's
+            weights in float32 (the default, as peft's ``from_pretrained`` does, for
+            inference loads too); ``False`` casts them to the dtype of the layers they adapt.
         :returns: the name.
         """
         placement = {"max_memory": max_memory, "offload_folder": offload_folder, "offload_index": offload_index}
@@ -344,7 +351,9 @@ class Adapters:
                 config = files.read_config(found.config)
         method, config = resolve_config(config, self.registry, method_name=claimed)
         tensors = files.strip_prefix(state_dict)
-        self._attach(name, method, config, state_dict=tensors, trainable=is_trainable)
+        self._attach(
+            name, method, config, state_dict=tensors, trainable=is_trainable, autocast_adapter_dtype=autocast_adapter_dtype
+        )
         if device_map is not None:
             try:
                 self.dispatch(device_map, **placement)
@@ -401,6 +410,7 @@ class Adapters:
         *,
         state_dict: dict[str, torch.Tensor] | None,
         trainable: bool,
+        autocast_adapter_dtype: bool = True,
     ) -> None:
         if self._merged:
             raise AdapterStateError(f"cannot attach {name!r} while {self._merged} are merged; unmerge() first")
@@ -410,7 +420,14 @@ class Adapters:
             for param in self.model.parameters():
                 param.requires_grad_(False)
         try:
-            self._call(method, "adapterkit_inject", name=name, config=config, empty=state_dict is not None)
+            self._call(
+                method,
+                "adapterkit_inject",
+                name=name,
+                config=config,
+                empty=state_dict is not None,
+                autocast_adapter_dtype=autocast_adapter_dtype,
+            )
             if state_dict is not None:
                 self._call(method, "adapterkit_load_state", name=name, state_dict=state_dict)
             self._adapters[name] = _Adapter(name, method, config, trainable)

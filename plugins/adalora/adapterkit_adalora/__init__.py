@@ -196,14 +196,16 @@ class AdaLoraMethod(PeftMethod):
 
     # -- injection, state and deletion ------------------------------------------------------
     @hookimpl
-    def adapterkit_inject(self, model: nn.Module, method: str, name: str, config: Any, empty: bool) -> None:
+    def adapterkit_inject(
+        self, model: nn.Module, method: str, name: str, config: Any, empty: bool, autocast_adapter_dtype: bool = True
+    ) -> None:
         pattern = normalize_rank_pattern(config.rank_pattern)
         previous = model.__dict__.pop("peft_config", _MISSING)
         # AdaLoraModel injects every target at init_r and ignores rank_pattern, except to warn that its
         # "<module>.lora_E" keys match no module; hide it from the tuner.
         config.rank_pattern = None
         try:
-            super().adapterkit_inject(model, method, name, config, empty)
+            super().adapterkit_inject(model, method, name, config, empty, autocast_adapter_dtype)
         finally:
             config.rank_pattern = pattern
             if previous is not _MISSING:

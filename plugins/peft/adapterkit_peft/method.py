@@ -26,6 +26,7 @@ from .layers import (
     logical_modules,
     offloaded,
     place,
+    upcast,
 )
 from .state import check_state_dict, without_saved_base_weights
 from .validation import peft_errors, validate_peft_config, warn_unmatched_patterns
@@ -126,8 +127,11 @@ class PeftMethod:
 
     # -- injection ----------------------------------------------------------------
     @hookimpl
-    def adapterkit_inject(self, model: nn.Module, method: str, name: str, config: Any, empty: bool) -> None:
+    def adapterkit_inject(
+        self, model: nn.Module, method: str, name: str, config: Any, empty: bool, autocast_adapter_dtype: bool = True
+    ) -> None:
         if empty and self.direct_load and self._inject_direct(model, method, name, config):
+            self._upcast_on_load(model, name, autocast_adapter_dtype)
             return
         # peft's tuner retouches layers and the requires_grad of every method's adapters
         cache = model.__dict__.get(_CACHE, {})
@@ -150,7 +154,17 @@ class PeftMethod:
             if isinstance(module, BaseTunerLayer) and not hasattr(module, TAG) and has_adapter(module, name):
                 setattr(module, TAG, self.name)
         self.forget(model)
-        follow_training_mode(self.sites(model, name), name)
+        sites = self.sites(model, name)
+        follow_training_mode(sites, name)
+        if empty:
+            self._upcast_on_load(model, name, autocast_adapter_dtype)
+        elif autocast_adapter_dtype:
+            for site in sites:
+                upcast(site.layer, name)
+
+    def _upcast_on_load(self, model: nn.Module, name: str, flag: bool) -> None:
+        # The load that follows places the file's tensors in the layer's dtype, then upcasts them (as peft does).
+        model.__dict__.setdefault(_CACHE, {})[(self.name, "upcast", name)] = flag
 
     def _direct_load_fits(self, config: Any) -> bool:
         """Whether the config needs nothing of the tuner beyond its per-target code."""
@@ -312,6 +326,9 @@ class PeftMethod:
             # adapter there would drop the file's tensors. Keep them on the CPU, in the layer's
             # dtype, for the dispatch plugin to offload with the layer.
             moved |= place(layer, name, device=torch.device("cpu") if offloaded(layer) else None)
+        if model.__dict__.get(_CACHE, {}).pop((self.name, "upcast", name), True):
+            for layer in layers.values():
+                moved |= upcast(layer, name)
         self._renewed(model, name, None if moved else params)
 
     def _renewed(self, model: nn.Module, name: str, params: list[nn.Parameter] | None = None) -> None:
