@@ -70,7 +70,7 @@ from adapterkit import (
     hookimpl,
 )
 from adapterkit.routing import check_rows, replaced_forwards
-from adapterkit_peft import PeftMethod, empty_weights
+from adapterkit_peft import PeftMethod, empty_weights, routed_heads
 from peft import AdaLoraConfig
 from peft.tuners.adalora import AdaLoraModel
 from peft.tuners.adalora.layer import RankAllocator
@@ -306,7 +306,7 @@ class AdaLoraMethod(PeftMethod):
     @contextlib.contextmanager
     def _per_sample(self, model: nn.Module, rows: list[str]) -> Iterator[None]:
         layers = list(self.layers(model))
-        with replaced_forwards(layers, lambda layer: _RoutedForward(layer, rows)):
+        with replaced_forwards(layers, lambda layer: _RoutedForward(layer, rows)), routed_heads(model, rows):
             yield
 
     # -- training helpers -------------------------------------------------------------------

@@ -11,10 +11,12 @@ This distribution depends on peft; the core (``adapterkit``) never imports it.
 from __future__ import annotations
 
 from .creation import empty_weights, layer_passes_skipped
+from .heads import HEAD_PRESETS, routed_heads
 from .layers import LayerSite, adapter_tensors, logical_modules, place
 from .method import TAG, PeftMethod
 
 __all__ = [
+    "HEAD_PRESETS",
     "LayerSite",
     "PeftMethod",
     "TAG",
@@ -23,4 +25,5 @@ __all__ = [
     "layer_passes_skipped",
     "logical_modules",
     "place",
+    "routed_heads",
 ]

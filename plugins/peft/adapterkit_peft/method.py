@@ -28,6 +28,17 @@ from .layers import (
     place,
     upcast,
 )
+from .heads import (
+    CACHE_KEY as HEADS_KEY,
+    add_heads,
+    delete_heads,
+    enable_heads,
+    head_state,
+    load_head_state,
+    prepare_heads,
+    set_active_heads,
+    warn_untied,
+)
 from .state import check_state_dict, without_saved_base_weights
 from .validation import peft_errors, validate_peft_config, warn_unmatched_patterns
 
@@ -129,6 +140,24 @@ class PeftMethod:
     @hookimpl
     def adapterkit_inject(
         self, model: nn.Module, method: str, name: str, config: Any, empty: bool, autocast_adapter_dtype: bool = True
+    ) -> None:
+        prepare_heads(config)
+        heads = getattr(config, "modules_to_save", None)
+        if heads:
+            config.modules_to_save = None  # adapterkit wraps the heads itself (heads.py), for both ways of injecting
+        try:
+            self._inject(model, method, name, config, empty, autocast_adapter_dtype)
+        finally:
+            if heads:
+                config.modules_to_save = heads
+        cache = model.__dict__.setdefault(_CACHE, {})
+        cache.pop(HEADS_KEY, None)
+        if heads:
+            sites = add_heads(model, self.name, name, config)
+            warn_untied(model, method, name, config, sites)
+
+    def _inject(
+        self, model: nn.Module, method: str, name: str, config: Any, empty: bool, autocast_adapter_dtype: bool
     ) -> None:
         if empty and self.direct_load and self._inject_direct(model, method, name, config):
             self._upcast_on_load(model, name, autocast_adapter_dtype)
@@ -263,6 +292,7 @@ class PeftMethod:
             for param in self._parameters(model, name):
                 param.requires_grad = flag
         cache[(self.name, "trainable")] = wanted
+        set_active_heads(model, self.name, names, trainable, cache)
 
     def _parameters(self, model: nn.Module, name: str) -> list[nn.Parameter]:
         """The parameters of adapter ``name`` in this method's layers (cached until they are replaced)."""
@@ -278,12 +308,14 @@ class PeftMethod:
     def adapterkit_enable(self, model: nn.Module, method: str) -> None:
         for layer in self.layers(model):
             layer.enable_adapters(True)
+        enable_heads(model, self.name, True, model.__dict__.setdefault(_CACHE, {}))
         model.__dict__.get(_CACHE, {}).pop((self.name, "trainable"), None)  # peft changed requires_grad
 
     @hookimpl
     def adapterkit_disable(self, model: nn.Module, method: str) -> None:
         for layer in self.layers(model):
             layer.enable_adapters(False)
+        enable_heads(model, self.name, False, model.__dict__.setdefault(_CACHE, {}))
         model.__dict__.get(_CACHE, {}).pop((self.name, "trainable"), None)
 
     # -- state ------------------------------------------------------------------------
@@ -302,15 +334,21 @@ class PeftMethod:
 
     @hookimpl
     def adapterkit_extract_state(self, model: nn.Module, method: str, name: str) -> dict[str, torch.Tensor]:
-        return {key: getattr(owner, leaf).detach() for key, (_, owner, leaf) in self._expected(model, name).items()}
+        state = {key: getattr(owner, leaf).detach() for key, (_, owner, leaf) in self._expected(model, name).items()}
+        state.update(head_state(model, name))
+        return state
 
     @hookimpl
     def adapterkit_load_state(
         self, model: nn.Module, method: str, name: str, state_dict: dict[str, torch.Tensor]
     ) -> None:
         expected = self._expected(model, name)
+        heads = head_state(model, name)  # the head copies' keys are the modules' own (classifier.weight)
         state_dict = without_saved_base_weights(expected, state_dict, method, name)
-        check_state_dict(expected, state_dict, method, name)
+        check_state_dict({**expected, **{k: (None, v, "data") for k, v in heads.items()}}, state_dict, method, name)
+        if heads:
+            load_head_state(model, name, {k: state_dict[k] for k in heads})
+            state_dict = {k: v for k, v in state_dict.items() if k not in heads}
         layers, params = {}, []
         for key, (site, owner, leaf) in expected.items():
             param = nn.Parameter(state_dict[key], requires_grad=False)
@@ -364,6 +402,8 @@ class PeftMethod:
 
     @hookimpl
     def adapterkit_delete(self, model: nn.Module, method: str, name: str) -> None:
+        delete_heads(model, name)
+        model.__dict__.get(_CACHE, {}).pop(HEADS_KEY, None)
         for site in self.sites(model, name):
             with warnings.catch_warnings():
                 # peft picks a new active adapter and says so; the core re-applies its own active set.
