@@ -296,7 +296,8 @@ class MethodContract:
 
     def test_failed_load_leaves_the_model_unchanged(self) -> None:
         model, x = self.make_model(), self.make_input()
-        source = self.add(self.make_model())
+        source_model = self.make_model()  # kept: adapters refer to their model weakly
+        source = self.add(source_model)
         state = source.state_dict()
         key = sorted(state)[0]
         broken = {**state, key: torch.zeros(*[s + 1 for s in state[key].shape])}

@@ -39,6 +39,7 @@ from .heads import (
     set_active_heads,
     warn_untied,
 )
+from .quantized import keep_quantized_weights, restore_quantized_weights
 from .state import check_state_dict, without_saved_base_weights
 from .validation import peft_errors, validate_peft_config, warn_unmatched_patterns
 
@@ -391,13 +392,14 @@ class PeftMethod:
         for layer in self.layers(model):
             present = [n for n in names if has_adapter(layer, n)]
             if present:
+                keep_quantized_weights(layer)  # unmerge puts them back: exact, where peft requantizes
                 layer.merge(adapter_names=present)
 
     @hookimpl
     def adapterkit_unmerge(self, model: nn.Module, method: str, names: Sequence[str]) -> None:
         # The core unmerges all of a method's merged adapters at once, which is what layer.unmerge() does.
         for layer in self.layers(model):
-            if layer.merged:
+            if layer.merged and not restore_quantized_weights(layer):
                 layer.unmerge()
 
     @hookimpl
