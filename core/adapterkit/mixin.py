@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 from .errors import CheckpointError, NoAdaptersError, UnsupportedOperationError
-from .model import _HANDLE_ATTR, DEFAULT_NAME, Adapters, attach
+from .model import DEFAULT_NAME, Adapters, attach, attached
 
 __all__ = ["AdapterMixin"]
 
@@ -44,8 +44,7 @@ class AdapterMixin:
     @property
     def _hf_peft_config_loaded(self) -> bool:
         """transformers' marker of a model carrying adapters: true while any adapter is attached."""
-        handle = self.__dict__.get(_HANDLE_ATTR)
-        return handle is not None and len(handle) > 0
+        return attached(self) is not None  # type: ignore[arg-type]
 
     def load_adapter(
         self,
@@ -170,8 +169,8 @@ class AdapterMixin:
         ``push_to_hub`` is not supported. Without adapters this is the base class's
         ``save_pretrained`` (a plain ``nn.Module`` has none: :class:`NoAdaptersError`).
         """
-        handle = self.__dict__.get(_HANDLE_ATTR)
-        if handle is None or not len(handle):
+        handle = attached(self)  # type: ignore[arg-type]
+        if handle is None:
             parent = getattr(super(), "save_pretrained", None)
             if parent is None:
                 raise NoAdaptersError("save_pretrained: the model has no adapters to save; add() or load() one first")

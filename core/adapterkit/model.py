@@ -12,7 +12,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import weakref
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from os import PathLike
 from pathlib import Path
 from typing import Any
@@ -36,7 +36,7 @@ from .errors import (
 )
 from .registry import Method, MethodRegistry, default_registry
 
-__all__ = ["Adapters", "attach", "BASE", "DEFAULT_NAME"]
+__all__ = ["Adapters", "attach", "attached", "BASE", "DEFAULT_NAME"]
 
 BASE = "__base__"
 """The per-sample row name meaning "no adapter"."""
@@ -52,6 +52,57 @@ class _Adapter:
     method: Method
     config: Any
     trainable: bool
+
+
+class _Record:
+    """What a model carries for its adapters (on the model, as a plain attribute): the bookkeeping, and no
+    reference back to the model, so a model with adapters is freed by reference counting alone.
+
+    :class:`Adapters` is the handle over it; the record remembers the live handle weakly, so :func:`attach`
+    returns the same one while anyone holds it.
+    """
+
+    def __init__(self, registry: MethodRegistry) -> None:
+        self.registry = registry
+        self.adapters: dict[str, _Adapter] = {}
+        self.active: list[str] = []
+        self.merged: list[str] = []
+        self.enabled = True
+        self.method_list: list[Method] | None = None  # the methods in use (see Adapters._methods)
+        self.handle: Callable[[], Adapters | None] = _no_handle
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state.pop("registry")  # plugin managers do not pickle; the default one is rebuilt on load
+        state.pop("handle")
+        state["method_list"] = None  # a cache
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self.registry = default_registry()
+        self.handle = _no_handle
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> _Record:
+        new = _Record.__new__(_Record)
+        memo[id(self)] = new
+        for key, value in self.__dict__.items():
+            if key == "handle":
+                new.handle = _no_handle
+            elif key == "method_list":
+                new.method_list = None
+            else:
+                new.__dict__[key] = value if key == "registry" else copy.deepcopy(value, memo)
+        return new
+
+
+def _no_handle() -> None:
+    return None
+
+
+def _in_record(field: str) -> Any:
+    """An :class:`Adapters` attribute that lives in the model's record."""
+    return property(lambda self: getattr(self._record, field), lambda self, value: setattr(self._record, field, value))
 
 
 class _Snapshot:
@@ -145,25 +196,21 @@ class Adapters:
     * A failed ``add`` or ``load`` leaves the model exactly as it was.
     """
 
-    def __init__(self, model: nn.Module, registry: MethodRegistry | None = None) -> None:
-        # A weak reference: the model holds this object, so a strong one back would be a cycle, and a
-        # model with adapters would stay alive after its last reference went, until a garbage-collector pass.
-        self._model = weakref.ref(model)
-        self.registry = registry or default_registry()
-        self._adapters: dict[str, _Adapter] = {}
-        self._active: list[str] = []
-        self._merged: list[str] = []
-        self._enabled = True
-        self._method_list: list[Method] | None = None  # the methods in use (see _methods)
+    def __init__(self, model: nn.Module, registry: MethodRegistry | None = None, *, _record: _Record | None = None) -> None:
+        # The handle holds the model; the model holds only the record (no reference back), so dropping the
+        # last reference to a model with adapters frees it without a garbage-collector pass.
+        self.model = model
+        self._record = _record if _record is not None else _Record(registry or default_registry())
+        self._record.handle = weakref.ref(self)
+
+    registry = _in_record("registry")
+    _adapters = _in_record("adapters")
+    _active = _in_record("active")
+    _merged = _in_record("merged")
+    _enabled = _in_record("enabled")
+    _method_list = _in_record("method_list")
 
     # -- state ---------------------------------------------------------------
-    @property
-    def model(self) -> nn.Module:
-        """The model these adapters belong to."""
-        model = self._model()
-        if model is None:
-            raise AdapterStateError("the model of these adapters no longer exists (it was freed); attach() a live model")
-        return model
 
     @property
     def names(self) -> list[str]:
@@ -646,41 +693,33 @@ class Adapters:
             yield
 
     # -- copying ---------------------------------------------------------------
-    def __getstate__(self) -> dict[str, Any]:
-        state = self.__dict__.copy()
-        state["_model"] = self._model()  # pickled with the model it belongs to (pickle keeps the cycle's identity)
-        state.pop("registry")  # plugin managers do not pickle; the default one is rebuilt on load
-        state.pop("_method_list", None)  # a cache
-        return state
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__dict__.update(state)
-        self._model = weakref.ref(state["_model"])
-        self.registry = default_registry()
-        self._method_list = None
-
     def __deepcopy__(self, memo: dict[int, Any]) -> Adapters:
-        new = Adapters.__new__(Adapters)
-        memo[id(self)] = new
-        for key, value in self.__dict__.items():
-            if key == "_model":
-                new.__dict__[key] = weakref.ref(copy.deepcopy(value(), memo))
-            else:
-                new.__dict__[key] = value if key == "registry" else copy.deepcopy(value, memo)
-        return new
+        """A copy of the model with its adapters, and that copy's handle."""
+        return attach(copy.deepcopy(self.model, memo))
+
+    def __reduce__(self) -> Any:
+        return attach, (self.model,)
 
 
 def attach(model: nn.Module, registry: MethodRegistry | None = None) -> Adapters:
-    """Return the :class:`Adapters` of ``model``, creating it on first use; the same object every time."""
+    """Return the :class:`Adapters` of ``model``, creating it on first use; the same object while it is held."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"attach() takes a torch.nn.Module, got {type(model).__name__}")
     if isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
         model = model.module  # the adapters belong to the wrapped model, not to the wrapper
-    handle = model.__dict__.get(_HANDLE_ATTR)
-    if handle is None:
+    record = model.__dict__.get(_HANDLE_ATTR)
+    if record is None:
         handle = Adapters(model, registry)
-        # Plain attribute, not a submodule: the handle must not appear in model.state_dict().
-        object.__setattr__(model, _HANDLE_ATTR, handle)
-    elif registry is not None and registry is not handle.registry:
+        # Plain attribute, not a submodule: the record must not appear in model.state_dict().
+        object.__setattr__(model, _HANDLE_ATTR, handle._record)
+        return handle
+    if registry is not None and registry is not record.registry:
         raise AdapterStateError("this model is already attached with another registry")
-    return handle
+    handle = record.handle()
+    return handle if handle is not None else Adapters(model, _record=record)
+
+
+def attached(model: nn.Module) -> Adapters | None:
+    """The :class:`Adapters` of ``model`` if it carries at least one adapter, else ``None`` (nothing is created)."""
+    record = model.__dict__.get(_HANDLE_ATTR)
+    return attach(model) if record is not None and record.adapters else None

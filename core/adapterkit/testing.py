@@ -296,8 +296,7 @@ class MethodContract:
 
     def test_failed_load_leaves_the_model_unchanged(self) -> None:
         model, x = self.make_model(), self.make_input()
-        source_model = self.make_model()  # kept: adapters refer to their model weakly
-        source = self.add(source_model)
+        source = self.add(self.make_model())
         state = source.state_dict()
         key = sorted(state)[0]
         broken = {**state, key: torch.zeros(*[s + 1 for s in state[key].shape])}

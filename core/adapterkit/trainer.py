@@ -47,7 +47,7 @@ from transformers import TrainerCallback
 
 from . import files
 from .errors import AdapterStateError, CheckpointNotFoundError
-from .model import _HANDLE_ATTR, Adapters
+from .model import Adapters, attached
 
 __all__ = ["AdapterCallback", "AdapterTrainerMixin", "Trainer", "adapters_of", "restore_adapters", "save_adapters"]
 
@@ -58,8 +58,7 @@ def adapters_of(model: nn.Module | None) -> Adapters | None:
     """The :class:`Adapters` of ``model`` (a DDP/DataParallel wrapper is looked through), or ``None`` without adapters."""
     while isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)) or hasattr(model, "_orig_mod"):
         model = getattr(model, "module", None) or getattr(model, "_orig_mod", None)
-    handle = model.__dict__.get(_HANDLE_ATTR) if isinstance(model, nn.Module) else None
-    return handle if handle is not None and len(handle) else None
+    return attached(model) if isinstance(model, nn.Module) else None
 
 
 def trained_adapters(adapters: Adapters) -> list[str]:

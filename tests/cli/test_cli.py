@@ -351,4 +351,6 @@ def test_demo_smoke(capsys, tmp_path):
     assert code == 0
     info = json.loads(out)
     assert info["method"] == "lora" and info["base_model"] == "sentence-transformers/all-MiniLM-L6-v2"
-    assert len(info["modules"]) == 12 and info["parameters"] == 12 * 2 * 8 * 384
+    # 12 adapted projections (A: 8x384, B: 384x8) and the adapter's own copy of the 4-way classifier (task_type SEQ_CLS)
+    assert len(info["modules"]) == 13 and "classifier" in info["modules"]
+    assert info["parameters"] == 12 * 2 * 8 * 384 + 4 * 384 + 4

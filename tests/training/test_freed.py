@@ -38,10 +38,17 @@ def test_twenty_models_with_adapters_leave_none_alive_with_the_collector_off() -
     assert alive == 0
 
 
-def test_adapters_outliving_their_model_say_so() -> None:
-    model = make_llama()
-    adapters = adapterkit.attach(model)
+def test_the_adapters_handle_keeps_its_model_and_attach_finds_the_record_again() -> None:
+    adapters = adapterkit.attach(make_llama())  # the handle holds the model: no need to keep both
     adapters.add('lora[r=2, target_modules=["q_proj"]]')
-    del model
-    with __import__("pytest").raises(adapterkit.AdapterStateError, match="no longer exists"):
-        adapters.state_dict()
+    model = weakref.ref(adapters.model)
+    assert adapters.state_dict()
+    assert adapterkit.attach(adapters.model) is adapters  # the same handle while it is held
+    del adapters
+    gc.collect()
+    assert model() is None  # nothing else held it
+    kept = make_llama()
+    handle = adapterkit.attach(kept)
+    handle.add('lora[r=2, target_modules=["q_proj"]]', "a")
+    del handle  # only the model is left: its record of the adapters stays on it
+    assert adapterkit.attach(kept).names == ["a"]
