@@ -90,6 +90,7 @@ BUILTIN: dict[type[AdapterkitError], type[BaseException]] = {
     HubAccessError: PermissionError,
     AdapterStateError: RuntimeError,
     PerSampleError: ValueError,
+    errors.ArgumentValueError: ValueError,
     UnsupportedOperationError: NotImplementedError,
 }
 
@@ -471,8 +472,8 @@ CONFIG_STRINGS = [
         "modules-to-save-not-a-list",
         add("lora[modules_to_save='lm_head', target_modules=['q_proj']]"),
         ConfigValueError,
-        r"'modules_to_save' must be a list",
-        r"modules_to_save=\['classifier'\]",
+        r"'modules_to_save' expects Optional\[list\[str\]\], got 'lm_head'",
+        r"expects",
     ),
     case("dict-without-method", add({"r": 8}), ConfigError, r"got keys \['r'\]", r"needs a 'method' key"),
     case("not-a-config", add(42), UnknownMethodError, r"cannot use 42", r"config string such as 'lora\[r=8\]'"),

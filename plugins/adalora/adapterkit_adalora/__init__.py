@@ -10,8 +10,17 @@ Config strings use the fields of peft's :class:`~peft.AdaLoraConfig`;
 AdaLoRA is a training method: during training its rank allocator measures the
 importance of each singular triplet and prunes the least important ones, down
 to an average of ``target_r`` per layer. peft does this inside
-``PeftModel``/``AdaLoraModel``; on a model with adapters from
-:func:`adapterkit.attach` use the two functions of this module::
+``PeftModel``/``AdaLoraModel``. On a model with adapters from
+:func:`adapterkit.attach`, the core's per-step API runs it for every method,
+with no AdaLoRA-specific line (and ``adapterkit.trainer.Trainer`` calls both)::
+
+    loss = model(**batch).loss + adapters.regularization()
+    loss.backward(); optimizer.step()
+    adapters.training_step(step)                      # before optimizer.zero_grad()
+
+The plugin implements them through the ``adapterkit_regularization`` and
+``adapterkit_training_step`` hooks. The two functions of this module do the same
+for AdaLoRA alone, and can name one adapter::
 
     from adapterkit_adalora import orthogonal_regularization, update_and_allocate
 
