@@ -143,7 +143,9 @@ class AdapterTrainerMixin:
         Path(output_dir).mkdir(parents=True, exist_ok=True)
         # The adapters' tensors come from the model; a gathered full state_dict (FSDP, DeepSpeed) is not needed.
         save_adapters(adapters, output_dir)
-        processor = self.processing_class or getattr(self.data_collator, "tokenizer", None)  # type: ignore[attr-defined]
+        processor = self.processing_class  # type: ignore[attr-defined]
+        if processor is None:
+            processor = getattr(self.data_collator, "tokenizer", None)  # type: ignore[attr-defined]
         if processor is not None:
             processor.save_pretrained(output_dir)
         torch.save(args, os.path.join(output_dir, TRAINING_ARGS_NAME))

@@ -141,6 +141,8 @@ def test_methods_names_the_hooks_a_plugin_leaves_out(capsys, monkeypatch):
         "adapterkit_validate_config",
         "adapterkit_merge",
         "adapterkit_unmerge",
+        "adapterkit_training_step",
+        "adapterkit_regularization",
     ]
     code, out, _ = cli_run(capsys, "methods")
     assert code == 0

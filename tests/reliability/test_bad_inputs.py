@@ -1002,6 +1002,20 @@ OPERATIONS = [
         setup=merged,
     ),
     case(
+        "training-step-negative",
+        call("training_step", -1),
+        errors.ArgumentValueError,
+        r"got -1",
+        r"integer >= 0",
+    ),
+    case(
+        "training-step-not-an-int",
+        call("training_step", "3"),
+        errors.ArgumentValueError,
+        r"got '3'",
+        r"integer >= 0",
+    ),
+    case(
         "merge-twice",
         call("merge"),
         AdapterStateError,

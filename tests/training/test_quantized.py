@@ -100,3 +100,21 @@ def test_adapters_train_on_a_4bit_base(base_folder: Path) -> None:
         optimizer.step()
         optimizer.zero_grad()
     assert all(not torch.equal(p, b) for p, b in zip(params, before))
+
+
+def test_qlora_with_the_mixin_class_under_trainer(base_folder: Path, tmp_path: Path) -> None:
+    """Trainer trains a quantized model only when transformers sees adapters: the mixin's _hf_peft_config_loaded."""
+    import os
+
+    from adapterkit.trainer import Trainer
+    from training_helpers import arguments, token_rows
+
+    class MyLlama(adapterkit.AdapterMixin, LlamaForCausalLM):
+        pass
+
+    model = MyLlama.from_pretrained(base_folder, quantization_config=BitsAndBytesConfig(**KINDS["nf4"]), device_map="cpu")
+    model.add_adapter('lora[r=4, target_modules=["q_proj", "v_proj"]]')
+    trainer = Trainer(model=model, args=arguments(tmp_path, max_steps=1, save_strategy="steps", save_steps=1), train_dataset=token_rows())
+    trainer.train()
+    assert set(os.listdir(tmp_path / "checkpoint-1")) >= {"adapter_config.json", "adapter_model.safetensors"}
+    assert "model.safetensors" not in os.listdir(tmp_path / "checkpoint-1")
