@@ -11,11 +11,13 @@ This distribution depends on peft; the core (``adapterkit``) never imports it.
 from __future__ import annotations
 
 from .creation import empty_weights, layer_passes_skipped
+from .heads import HEAD_PRESETS, routed_heads
 from .layers import LayerSite, adapter_tensors, adapters_held, place
 from .method import PeftMethod
 from .stacking import stack_aware
 
 __all__ = [
+    "HEAD_PRESETS",
     "LayerSite",
     "PeftMethod",
     "adapter_tensors",
@@ -23,5 +25,6 @@ __all__ = [
     "empty_weights",
     "layer_passes_skipped",
     "place",
+    "routed_heads",
     "stack_aware",
 ]

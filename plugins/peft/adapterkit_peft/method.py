@@ -27,7 +27,20 @@ from .layers import (
     is_empty,
     offloaded,
     place,
+    upcast,
 )
+from .heads import (
+    CACHE_KEY as HEADS_KEY,
+    add_heads,
+    delete_heads,
+    enable_heads,
+    head_state,
+    load_head_state,
+    prepare_heads,
+    set_active_heads,
+    warn_untied,
+)
+from .quantized import keep_quantized_weights, restore_quantized_weights
 from .stacking import stack_aware
 from .state import check_state_dict, without_saved_base_weights
 from .validation import peft_errors, validate_peft_config, warn_unmatched_patterns
@@ -89,7 +102,9 @@ class PeftMethod:
         found = [
             LayerSite(path, parent, attr, module)
             for path, parent, attr, module in walk(model)
-            if owner(module) == self.name and (name is None or has_adapter(module, name))
+            if owner(module) == self.name
+            and isinstance(module, BaseTunerLayer)
+            and (name is None or has_adapter(module, name))
         ]
         found.sort(key=lambda site: site.logical)
         return found
@@ -136,8 +151,29 @@ class PeftMethod:
 
     # -- injection ----------------------------------------------------------------
     @hookimpl
-    def adapterkit_inject(self, model: nn.Module, method: str, name: str, config: Any, empty: bool) -> None:
+    def adapterkit_inject(
+        self, model: nn.Module, method: str, name: str, config: Any, empty: bool, autocast_adapter_dtype: bool = True
+    ) -> None:
+        prepare_heads(config)
+        heads = getattr(config, "modules_to_save", None)
+        if heads:
+            config.modules_to_save = None  # adapterkit wraps the heads itself (heads.py), for both ways of injecting
+        try:
+            self._inject(model, method, name, config, empty, autocast_adapter_dtype)
+        finally:
+            if heads:
+                config.modules_to_save = heads
+        cache = model.__dict__.setdefault(_CACHE, {})
+        cache.pop(HEADS_KEY, None)
+        if heads:
+            sites = add_heads(model, self.name, name, config)
+            warn_untied(model, method, name, config, sites)
+
+    def _inject(
+        self, model: nn.Module, method: str, name: str, config: Any, empty: bool, autocast_adapter_dtype: bool
+    ) -> None:
         if empty and self.direct_load and self._inject_direct(model, method, name, config):
+            self._upcast_on_load(model, name, autocast_adapter_dtype)
             return
         # peft's tuner retouches layers and the requires_grad of every method's adapters
         cache = model.__dict__.get(_CACHE, {})
@@ -161,7 +197,17 @@ class PeftMethod:
             if isinstance(module, BaseTunerLayer) and owner(module) is None and has_adapter(module, name):
                 claim(module, self.name)
         self.forget(model)
-        follow_training_mode(self.sites(model, name), name)
+        sites = self.sites(model, name)
+        follow_training_mode(sites, name)
+        if empty:
+            self._upcast_on_load(model, name, autocast_adapter_dtype)
+        elif autocast_adapter_dtype:
+            for site in sites:
+                upcast(site.layer, name)
+
+    def _upcast_on_load(self, model: nn.Module, name: str, flag: bool) -> None:
+        # The load that follows places the file's tensors in the layer's dtype, then upcasts them (as peft does).
+        model.__dict__.setdefault(_CACHE, {})[(self.name, "upcast", name)] = flag
 
     def _direct_load_fits(self, config: Any) -> bool:
         """Whether the config needs nothing of the tuner beyond its per-target code."""
@@ -251,6 +297,7 @@ class PeftMethod:
             for param in self._parameters(model, name):
                 param.requires_grad = flag
         cache[(self.name, "trainable")] = wanted
+        set_active_heads(model, self.name, names, trainable, cache)
 
     def _parameters(self, model: nn.Module, name: str) -> list[nn.Parameter]:
         """The parameters of adapter ``name`` in this method's layers (cached until they are replaced)."""
@@ -266,12 +313,14 @@ class PeftMethod:
     def adapterkit_enable(self, model: nn.Module, method: str) -> None:
         for layer in self.layers(model):
             layer.enable_adapters(True)
+        enable_heads(model, self.name, True, model.__dict__.setdefault(_CACHE, {}))
         model.__dict__.get(_CACHE, {}).pop((self.name, "trainable"), None)  # peft changed requires_grad
 
     @hookimpl
     def adapterkit_disable(self, model: nn.Module, method: str) -> None:
         for layer in self.layers(model):
             layer.enable_adapters(False)
+        enable_heads(model, self.name, False, model.__dict__.setdefault(_CACHE, {}))
         model.__dict__.get(_CACHE, {}).pop((self.name, "trainable"), None)
 
     # -- state ------------------------------------------------------------------------
@@ -290,15 +339,21 @@ class PeftMethod:
 
     @hookimpl
     def adapterkit_extract_state(self, model: nn.Module, method: str, name: str) -> dict[str, torch.Tensor]:
-        return {key: getattr(owner, leaf).detach() for key, (_, owner, leaf) in self._expected(model, name).items()}
+        state = {key: getattr(owner, leaf).detach() for key, (_, owner, leaf) in self._expected(model, name).items()}
+        state.update(head_state(model, name))
+        return state
 
     @hookimpl
     def adapterkit_load_state(
         self, model: nn.Module, method: str, name: str, state_dict: dict[str, torch.Tensor]
     ) -> None:
         expected = self._expected(model, name)
+        heads = head_state(model, name)  # the head copies' keys are the modules' own (classifier.weight)
         state_dict = without_saved_base_weights(expected, state_dict, method, name)
-        check_state_dict(expected, state_dict, method, name)
+        check_state_dict({**expected, **{k: (None, v, "data") for k, v in heads.items()}}, state_dict, method, name)
+        if heads:
+            load_head_state(model, name, {k: state_dict[k] for k in heads})
+            state_dict = {k: v for k, v in state_dict.items() if k not in heads}
         layers, params = {}, []
         for key, (site, owner, leaf) in expected.items():
             param = nn.Parameter(state_dict[key], requires_grad=False)
@@ -314,6 +369,9 @@ class PeftMethod:
             # adapter there would drop the file's tensors. Keep them on the CPU, in the layer's
             # dtype, for the dispatch plugin to offload with the layer.
             moved |= place(layer, name, device=torch.device("cpu") if offloaded(layer) else None)
+        if model.__dict__.get(_CACHE, {}).pop((self.name, "upcast", name), True):
+            for layer in layers.values():
+                moved |= upcast(layer, name)
         self._renewed(model, name, None if moved else params)
 
     def _renewed(self, model: nn.Module, name: str, params: list[nn.Parameter] | None = None) -> None:
@@ -338,6 +396,7 @@ class PeftMethod:
         for layer in self.layers(model):
             present = [n for n in names if has_adapter(layer, n)]
             if present:
+                keep_quantized_weights(layer)  # unmerge puts them back: exact, where peft requantizes
                 layer.merge(adapter_names=present)
 
     @hookimpl
@@ -349,6 +408,8 @@ class PeftMethod:
                 continue
             # The core unmerges the last merged first: here a tail of what this layer merged.
             keep = [n for n in merged if n not in taken]
+            if not keep and restore_quantized_weights(layer):
+                continue  # the quantized weights from before the merge are back, bit for bit
             layer.merged_adapters = [n for n in merged if n in taken]
             try:
                 layer.unmerge()
@@ -361,6 +422,8 @@ class PeftMethod:
 
     @hookimpl
     def adapterkit_delete(self, model: nn.Module, method: str, name: str) -> None:
+        delete_heads(model, name)
+        model.__dict__.get(_CACHE, {}).pop(HEADS_KEY, None)
         for site in self.sites(model, name):
             with warnings.catch_warnings():
                 # peft picks a new active adapter and says so; the core re-applies its own active set.
