@@ -548,8 +548,17 @@ class Adapters:
         items = self._names_list(names, "set_active") if names != [] else []
         if self._merged:
             raise AdapterStateError(f"cannot change the active adapters while {self._merged} are merged; unmerge() first")
+        previous = self._active
         self._active = items
-        self._apply_active()
+        try:
+            self._apply_active()
+        except BaseException:
+            # A plugin refused the new set (e.g. two active adapters with their own copy of one head):
+            # the old set is the state, on every method's layers too.
+            self._active = previous
+            with contextlib.suppress(Exception):
+                self._apply_active()
+            raise
 
     def disable(self) -> None:
         """Make the model compute as without adapters (adapters stay attached). Unmerges merged adapters first."""

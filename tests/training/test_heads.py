@@ -74,9 +74,11 @@ def test_seq_cls_preset_trains_a_copy_of_the_classifier_per_adapter() -> None:
     torch.testing.assert_close(rows[[0, 3]], only_a[[0, 3]], rtol=0, atol=1e-6)
     torch.testing.assert_close(rows[1], only_b[1], rtol=0, atol=1e-6)
     torch.testing.assert_close(rows[2], bert_logits(make_bert(), x)[2], rtol=0, atol=1e-6)
+    adapters.set_active("a")
     with pytest.raises(adapterkit.AdapterStateError, match="classifier"):
         adapters.set_active(["a", "b"])
-    adapters.set_active("a")
+    assert adapters.active == ["a"]  # the refused set left nothing behind
+    torch.testing.assert_close(bert_logits(model, x), only_a, rtol=0, atol=0)
     adapters.delete("a")
     adapters.delete("b")
     assert type(model.classifier) is torch.nn.Linear  # unwrapped back to the original module
