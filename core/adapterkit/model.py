@@ -11,15 +11,17 @@ from __future__ import annotations
 
 import contextlib
 import copy
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+import weakref
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from os import PathLike
+from pathlib import Path
 from typing import Any
 
 import attrs
 import torch
 from torch import nn
 
-from . import files
+from . import files, training
 from .configs import checkpoint_method, config_to_dict, resolve_config
 from .layers import AdaptedLayer, adapted_layers, claim, owner
 from .merging import merge_order, runs
@@ -36,7 +38,7 @@ from .errors import (
 )
 from .registry import Method, MethodRegistry, default_registry
 
-__all__ = ["Adapters", "attach", "BASE", "DEFAULT_NAME"]
+__all__ = ["Adapters", "attach", "attached", "BASE", "DEFAULT_NAME"]
 
 BASE = "__base__"
 """The per-sample row name meaning "no adapter"."""
@@ -52,6 +54,57 @@ class _Adapter:
     method: Method
     config: Any
     trainable: bool
+
+
+class _Record:
+    """What a model carries for its adapters (on the model, as a plain attribute): the bookkeeping, and no
+    reference back to the model, so a model with adapters is freed by reference counting alone.
+
+    :class:`Adapters` is the handle over it; the record remembers the live handle weakly, so :func:`attach`
+    returns the same one while anyone holds it.
+    """
+
+    def __init__(self, registry: MethodRegistry) -> None:
+        self.registry = registry
+        self.adapters: dict[str, _Adapter] = {}
+        self.active: list[str] = []
+        self.merged: list[str] = []
+        self.enabled = True
+        self.method_list: list[Method] | None = None  # the methods in use (see Adapters._methods)
+        self.handle: Callable[[], Adapters | None] = _no_handle
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state.pop("registry")  # plugin managers do not pickle; the default one is rebuilt on load
+        state.pop("handle")
+        state["method_list"] = None  # a cache
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self.registry = default_registry()
+        self.handle = _no_handle
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> _Record:
+        new = _Record.__new__(_Record)
+        memo[id(self)] = new
+        for key, value in self.__dict__.items():
+            if key == "handle":
+                new.handle = _no_handle
+            elif key == "method_list":
+                new.method_list = None
+            else:
+                new.__dict__[key] = value if key == "registry" else copy.deepcopy(value, memo)
+        return new
+
+
+def _no_handle() -> None:
+    return None
+
+
+def _in_record(field: str) -> Any:
+    """An :class:`Adapters` attribute that lives in the model's record."""
+    return property(lambda self: getattr(self._record, field), lambda self, value: setattr(self._record, field, value))
 
 
 class _Snapshot:
@@ -161,16 +214,22 @@ class Adapters:
     * A failed ``add`` or ``load`` leaves the model exactly as it was.
     """
 
-    def __init__(self, model: nn.Module, registry: MethodRegistry | None = None) -> None:
+    def __init__(self, model: nn.Module, registry: MethodRegistry | None = None, *, _record: _Record | None = None) -> None:
+        # The handle holds the model; the model holds only the record (no reference back), so dropping the
+        # last reference to a model with adapters frees it without a garbage-collector pass.
         self.model = model
-        self.registry = registry or default_registry()
-        self._adapters: dict[str, _Adapter] = {}
-        self._active: list[str] = []
-        self._merged: list[str] = []
-        self._enabled = True
-        self._method_list: list[Method] | None = None  # the methods in use (see _methods)
+        self._record = _record if _record is not None else _Record(registry or default_registry())
+        self._record.handle = weakref.ref(self)
+
+    registry = _in_record("registry")
+    _adapters = _in_record("adapters")
+    _active = _in_record("active")
+    _merged = _in_record("merged")
+    _enabled = _in_record("enabled")
+    _method_list = _in_record("method_list")
 
     # -- state ---------------------------------------------------------------
+
     @property
     def names(self) -> list[str]:
         """All attached adapters, in the order they were added."""
@@ -194,6 +253,10 @@ class Adapters:
     def method(self, name: str) -> Method:
         """The method of adapter ``name``."""
         return self._get(name).method
+
+    def trainable(self, name: str) -> bool:
+        """Whether adapter ``name`` was added, or loaded with ``is_trainable=True`` (it trains while active and enabled)."""
+        return self._get(name).trainable
 
     def config(self, name: str) -> Any:
         """The config of adapter ``name`` (the object in use; copy it before changing it)."""
@@ -263,17 +326,20 @@ class Adapters:
             self._call(method, "adapterkit_set_active", names=names, trainable=trainable)
 
     # -- adding --------------------------------------------------------------
-    def add(self, config: Any, name: str = DEFAULT_NAME) -> str:
+    def add(self, config: Any, name: str = DEFAULT_NAME, *, autocast_adapter_dtype: bool = True) -> str:
         """Add a new, freshly initialised, trainable adapter and make it the only active one.
 
         :param config: a config string (``"lora[r=8]"``), a dict with a ``method``
             key, a saved ``adapter_config.json`` dict, or a method's config object.
         :param name: the adapter's name; must not be in use.
+        :param autocast_adapter_dtype: on a float16/bfloat16 model, create the adapter's
+            weights in float32 (the default, as peft does: half-precision weights lose most
+            small updates); ``False`` keeps the dtype of the layers they adapt.
         :returns: the name.
         """
         self._check_new_name(name)
         method, config = resolve_config(config, self.registry)
-        self._attach(name, method, config, state_dict=None, trainable=True)
+        self._attach(name, method, config, state_dict=None, trainable=True, autocast_adapter_dtype=autocast_adapter_dtype)
         return name
 
     def load(
@@ -295,6 +361,7 @@ class Adapters:
         max_memory: dict[Any, Any] | None = None,
         offload_folder: str | PathLike[str] | None = None,
         offload_index: dict[str, Any] | None = None,
+        autocast_adapter_dtype: bool = True,
     ) -> str:
         """Load a saved adapter (peft format) from a local folder or a Hub repo and make it the only active one.
 
@@ -321,6 +388,9 @@ class Adapters:
         :param device_map: after loading, re-dispatch the model with this device
             map (needs the dispatch plugin, see :meth:`dispatch`); ``max_memory``,
             ``offload_folder`` and ``offload_index`` go with it.
+        :param autocast_adapter_dtype: on a float16/bfloat16 model, keep the adapter's
+            weights in float32 (the default, as peft's ``from_pretrained`` does, for
+            inference loads too); ``False`` casts them to the dtype of the layers they adapt.
         :returns: the name.
         """
         placement = {"max_memory": max_memory, "offload_folder": offload_folder, "offload_index": offload_index}
@@ -365,7 +435,14 @@ class Adapters:
                 f"load(method={method!r}) contradicts the config, which is a {method_found.name!r} config; "
                 "pass one of them"
             )
-        self._attach(name, method_found, config, state_dict=tensors, trainable=is_trainable)
+        self._attach(
+            name,
+            method_found,
+            config,
+            state_dict=tensors,
+            trainable=is_trainable,
+            autocast_adapter_dtype=autocast_adapter_dtype,
+        )
         if device_map is not None:
             try:
                 self.dispatch(device_map, **placement)
@@ -422,6 +499,7 @@ class Adapters:
         *,
         state_dict: dict[str, torch.Tensor] | None,
         trainable: bool,
+        autocast_adapter_dtype: bool = True,
     ) -> None:
         if self._merged:
             raise AdapterStateError(f"cannot attach {name!r} while {self._merged} are merged; unmerge() first")
@@ -431,7 +509,14 @@ class Adapters:
             for param in self.model.parameters():
                 param.requires_grad_(False)
         try:
-            self._call(method, "adapterkit_inject", name=name, config=config, empty=state_dict is not None)
+            self._call(
+                method,
+                "adapterkit_inject",
+                name=name,
+                config=config,
+                empty=state_dict is not None,
+                autocast_adapter_dtype=autocast_adapter_dtype,
+            )
             snapshot.claim_new_wrappers(method.name)
             if state_dict is not None:
                 self._call(method, "adapterkit_load_state", name=name, state_dict=state_dict)
@@ -463,8 +548,17 @@ class Adapters:
         items = self._names_list(names, "set_active") if names != [] else []
         if self._merged:
             raise AdapterStateError(f"cannot change the active adapters while {self._merged} are merged; unmerge() first")
+        previous = self._active
         self._active = items
-        self._apply_active()
+        try:
+            self._apply_active()
+        except BaseException:
+            # A plugin refused the new set (e.g. two active adapters with their own copy of one head):
+            # the old set is the state, on every method's layers too.
+            self._active = previous
+            with contextlib.suppress(Exception):
+                self._apply_active()
+            raise
 
     def disable(self) -> None:
         """Make the model compute as without adapters (adapters stay attached). Unmerges merged adapters first."""
@@ -541,17 +635,16 @@ class Adapters:
             if taken:
                 raise CheckpointExistsError(f"{taken} already hold an adapter; pass overwrite=True to replace them")
         for name in items:
-            adapter = self._adapters[name]
-            data = config_to_dict(adapter.config, self.registry)
-            data["inference_mode"] = True
-            if data.get("base_model_name_or_path") is None and "base_model_name_or_path" in data:
-                data["base_model_name_or_path"] = getattr(self.model, "name_or_path", None) or None
-            files.write_adapter(
-                files.adapter_folder(directory, name),
-                config=data,
-                tensors=self.state_dict(name),
-                method=adapter.method,
-            )
+            self._write(name, files.adapter_folder(directory, name))
+
+    def _write(self, name: str, folder: PathLike[str] | str) -> None:
+        """Write adapter ``name``'s files into ``folder`` (crash-safe, replacing what is there)."""
+        adapter = self._adapters[name]
+        data = config_to_dict(adapter.config, self.registry)
+        data["inference_mode"] = True
+        if data.get("base_model_name_or_path") is None and "base_model_name_or_path" in data:
+            data["base_model_name_or_path"] = getattr(self.model, "name_or_path", None) or None
+        files.write_adapter(Path(folder), config=data, tensors=self.state_dict(name), method=adapter.method)
 
     # -- merging and deleting ------------------------------------------------
     def merge(self, names: str | Sequence[str] | None = None) -> None:
@@ -638,6 +731,25 @@ class Adapters:
         self._active = [n for n in self._active if n != name]
         self._apply_active()
 
+    # -- training --------------------------------------------------------------
+    def training_step(self, global_step: int) -> None:
+        """Run every method's per-step work for the adapters being trained (AdaLoRA: rank allocation).
+
+        Call it once per optimizer step, after ``optimizer.step()`` and before
+        ``optimizer.zero_grad()`` (methods may read the gradients), with the step
+        counting from 0. Methods without per-step work are skipped, so a training
+        loop calls it whatever the methods are. See :mod:`adapterkit.training`.
+        """
+        training.training_step(self, global_step)
+
+    def regularization(self) -> torch.Tensor:
+        """The sum of every method's loss term for the adapters being trained (AdaLoRA: orthogonal regularisation).
+
+        Add it to the loss: ``loss = model(**batch).loss + adapters.regularization()``.
+        A scalar zero when no method adds a term.
+        """
+        return training.regularization(self)
+
     # -- mixed batches -------------------------------------------------------
     @contextlib.contextmanager
     def per_sample(self, rows: Sequence[str]) -> Iterator[None]:
@@ -673,36 +785,33 @@ class Adapters:
             yield
 
     # -- copying ---------------------------------------------------------------
-    def __getstate__(self) -> dict[str, Any]:
-        state = self.__dict__.copy()
-        state.pop("registry")  # plugin managers do not pickle; the default one is rebuilt on load
-        state.pop("_method_list", None)  # a cache
-        return state
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__dict__.update(state)
-        self.registry = default_registry()
-        self._method_list = None
-
     def __deepcopy__(self, memo: dict[int, Any]) -> Adapters:
-        new = Adapters.__new__(Adapters)
-        memo[id(self)] = new
-        for key, value in self.__dict__.items():
-            new.__dict__[key] = value if key == "registry" else copy.deepcopy(value, memo)
-        return new
+        """A copy of the model with its adapters, and that copy's handle."""
+        return attach(copy.deepcopy(self.model, memo))
+
+    def __reduce__(self) -> Any:
+        return attach, (self.model,)
 
 
 def attach(model: nn.Module, registry: MethodRegistry | None = None) -> Adapters:
-    """Return the :class:`Adapters` of ``model``, creating it on first use; the same object every time."""
+    """Return the :class:`Adapters` of ``model``, creating it on first use; the same object while it is held."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"attach() takes a torch.nn.Module, got {type(model).__name__}")
     if isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
         model = model.module  # the adapters belong to the wrapped model, not to the wrapper
-    handle = model.__dict__.get(_HANDLE_ATTR)
-    if handle is None:
+    record = model.__dict__.get(_HANDLE_ATTR)
+    if record is None:
         handle = Adapters(model, registry)
-        # Plain attribute, not a submodule: the handle must not appear in model.state_dict().
-        object.__setattr__(model, _HANDLE_ATTR, handle)
-    elif registry is not None and registry is not handle.registry:
+        # Plain attribute, not a submodule: the record must not appear in model.state_dict().
+        object.__setattr__(model, _HANDLE_ATTR, handle._record)
+        return handle
+    if registry is not None and registry is not record.registry:
         raise AdapterStateError("this model is already attached with another registry")
-    return handle
+    handle = record.handle()
+    return handle if handle is not None else Adapters(model, _record=record)
+
+
+def attached(model: nn.Module) -> Adapters | None:
+    """The :class:`Adapters` of ``model`` if it carries at least one adapter, else ``None`` (nothing is created)."""
+    record = model.__dict__.get(_HANDLE_ATTR)
+    return attach(model) if record is not None and record.adapters else None

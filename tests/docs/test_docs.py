@@ -60,6 +60,8 @@ ROUTES: dict[str, tuple[str, ...]] = {
     "adapterkit_dispatch": (".dispatch(", "device_map="),
     "adapterkit_layer_adapters": (".layers(", ".merge("),
     "adapterkit_claim_checkpoint": (".load(",),
+    "adapterkit_training_step": (".training_step(", "Trainer("),
+    "adapterkit_regularization": (".regularization(", "Trainer("),
 }
 
 

@@ -14,7 +14,7 @@ from torch import nn
 from transformers import MixtralConfig, MixtralForCausalLM
 
 import adapterkit
-from adapterkit import UnsupportedOperationError
+from adapterkit import ConfigValueError, UnsupportedOperationError
 
 
 def train_step(model: nn.Module, x: torch.Tensor) -> None:
@@ -263,3 +263,16 @@ def test_expert_weights_delete_gives_back_the_model():
     adapters.delete("default")
     assert str(model) == structure
     assert torch.equal(logits(model, x), base)
+
+
+def test_bias_with_heads_is_refused_and_changes_nothing():
+    """peft would also save the heads' original biases (modules_to_save): not supported together yet."""
+    x = make_input("dense")
+    model = make_model("dense")
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    adapters = adapterkit.attach(model)
+    with pytest.raises(ConfigValueError, match=r"bias='all' together with modules_to_save=\['proj_out'\]"):
+        adapters.add("lora[target_modules=['proj_in'], bias='all', modules_to_save=['proj_out']]")
+    assert adapters.names == [] and str(model) == str(make_model("dense"))
+    assert all(torch.equal(p, before[name]) for name, p in model.named_parameters())
+    assert torch.equal(run(model, x), run(make_model("dense"), x))

@@ -12,12 +12,14 @@ from __future__ import annotations
 
 from .bias import AdapterBiases, biases_of, rows_without_biases
 from .creation import empty_weights, layer_passes_skipped
+from .heads import HEAD_PRESETS, routed_heads
 from .layers import LayerSite, adapter_tensors, adapters_held, has_adapter, place
 from .method import PeftMethod
 from .stacking import stack_aware
 
 __all__ = [
     "AdapterBiases",
+    "HEAD_PRESETS",
     "LayerSite",
     "PeftMethod",
     "adapter_tensors",
@@ -27,6 +29,7 @@ __all__ = [
     "has_adapter",
     "layer_passes_skipped",
     "place",
+    "routed_heads",
     "rows_without_biases",
     "stack_aware",
 ]

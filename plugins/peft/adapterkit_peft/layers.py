@@ -22,7 +22,17 @@ __all__ = [
     "is_empty",
     "offloaded",
     "place",
+    "upcast",
 ]
+
+# peft's autocast_adapter_dtype: adapters of these dtypes become float32 (training in half precision loses updates).
+_UPCAST = frozenset(
+    dtype
+    for dtype in (torch.float16, torch.bfloat16, *(getattr(torch, n, None) for n in (
+        "float8_e4m3fn", "float8_e4m3fnuz", "float8_e5m2", "float8_e5m2fnuz", "float8_e8m0fnu"
+    )))  # fmt: skip
+    if dtype is not None
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -142,3 +152,28 @@ def follow_training_mode(sites: Sequence[LayerSite], name: str) -> None:
                 if item is not None:
                     for module in item.modules():
                         module.__dict__["training"] = mode
+
+
+def upcast(layer: BaseTunerLayer, name: str) -> bool:
+    """Make adapter ``name``'s half-precision (and float8) tensors in ``layer`` float32, as peft's ``autocast_adapter_dtype``.
+
+    peft's ``cast_adapter_dtype`` for one layer and one adapter (peft's walks the whole model).
+    New parameter objects keep their ``requires_grad``. Returns whether anything changed.
+    """
+    changed = False
+    for attr in (*layer.adapter_layer_names, *layer.other_param_names):
+        found = container(layer, attr)
+        if not isinstance(found, (nn.ModuleDict, nn.ParameterDict, BufferDict)) or name not in found:
+            continue
+        item = found[name]
+        if isinstance(item, torch.Tensor):
+            if item.dtype in _UPCAST:
+                found[name] = item.to(torch.float32)
+                changed = True
+            continue
+        for owner in item.modules():
+            for leaf, param in list(owner._parameters.items()):
+                if param is not None and param.dtype in _UPCAST:
+                    setattr(owner, leaf, nn.Parameter(param.data.to(torch.float32), requires_grad=param.requires_grad))
+                    changed = True
+    return changed

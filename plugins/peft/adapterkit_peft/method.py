@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
-from adapterkit import UnsupportedOperationError, hookimpl
+from adapterkit import ConfigValueError, UnsupportedOperationError, hookimpl
 from adapterkit.layers import claim, owner, positions, walk
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
@@ -35,7 +35,20 @@ from .layers import (
     is_empty,
     offloaded,
     place,
+    upcast,
 )
+from .heads import (
+    CACHE_KEY as HEADS_KEY,
+    add_heads,
+    delete_heads,
+    enable_heads,
+    head_state,
+    load_head_state,
+    prepare_heads,
+    set_active_heads,
+    warn_untied,
+)
+from .quantized import keep_quantized_weights, restore_quantized_weights
 from .stacking import stack_aware
 from .state import check_state_dict, without_saved_base_weights
 from .validation import merge_errors, peft_errors, validate_peft_config, warn_unmatched_patterns
@@ -121,7 +134,9 @@ class PeftMethod:
         found = [
             LayerSite(path, parent, attr, module)
             for path, parent, attr, module in walk(model, None if name is None else self._holds(name))
-            if owner(module) == self.name and (name is None or has_adapter(module, name))
+            if owner(module) == self.name
+            and isinstance(module, BaseTunerLayer)
+            and (name is None or has_adapter(module, name))
         ]
         found.sort(key=lambda site: site.logical)
         return found
@@ -168,14 +183,39 @@ class PeftMethod:
 
     # -- injection ----------------------------------------------------------------
     @hookimpl
-    def adapterkit_inject(self, model: nn.Module, method: str, name: str, config: Any, empty: bool) -> None:
+    def adapterkit_inject(
+        self, model: nn.Module, method: str, name: str, config: Any, empty: bool, autocast_adapter_dtype: bool = True
+    ) -> None:
+        prepare_heads(config)
+        heads = getattr(config, "modules_to_save", None)
         check_one_bias_adapter(model, method, name, config)
-        if not (empty and self.direct_load and self._inject_direct(model, method, name, config)):
-            self._inject_with_tuner(model, method, name, config, empty)
+        if heads and bias_option(config) != "none":
+            raise ConfigValueError(
+                f"{method} adapter {name!r}: bias={bias_option(config)!r} together with modules_to_save={heads!r} "
+                "(or a task_type's heads) is not supported by adapterkit yet: peft would also save the heads' "
+                "original biases; use bias='none', or no heads"
+            )
+        if heads:
+            config.modules_to_save = None  # adapterkit wraps the heads itself (heads.py), for both ways of injecting
+        try:
+            self._inject(model, method, name, config, empty, autocast_adapter_dtype)
+        finally:
+            if heads:
+                config.modules_to_save = heads
+        cache = model.__dict__.setdefault(_CACHE, {})
+        cache.pop(HEADS_KEY, None)
+        if heads:
+            sites = add_heads(model, self.name, name, config)
+            warn_untied(model, method, name, config, sites)
         if bias_option(config) != "none":
             new_adapter_biases(model, self.name, name, config, self.sites(model, name))
 
-    def _inject_with_tuner(self, model: nn.Module, method: str, name: str, config: Any, empty: bool) -> None:
+    def _inject(
+        self, model: nn.Module, method: str, name: str, config: Any, empty: bool, autocast_adapter_dtype: bool
+    ) -> None:
+        if empty and self.direct_load and self._inject_direct(model, method, name, config):
+            self._upcast_on_load(model, name, autocast_adapter_dtype)
+            return
         # peft's tuner retouches layers and the requires_grad of every method's adapters
         cache = model.__dict__.get(_CACHE, {})
         for key in [k for k in cache if isinstance(k, tuple)]:
@@ -198,7 +238,17 @@ class PeftMethod:
             if isinstance(module, BaseTunerLayer) and owner(module) is None and has_adapter(module, name):
                 claim(module, self.name)
         self.forget(model)
-        follow_training_mode(self.sites(model, name), name)
+        sites = self.sites(model, name)
+        follow_training_mode(sites, name)
+        if empty:
+            self._upcast_on_load(model, name, autocast_adapter_dtype)
+        elif autocast_adapter_dtype:
+            for site in sites:
+                upcast(site.layer, name)
+
+    def _upcast_on_load(self, model: nn.Module, name: str, flag: bool) -> None:
+        # The load that follows places the file's tensors in the layer's dtype, then upcasts them (as peft does).
+        model.__dict__.setdefault(_CACHE, {})[(self.name, "upcast", name)] = flag
 
     def _direct_load_fits(self, config: Any) -> bool:
         """Whether the config needs nothing of the tuner beyond its per-target code."""
@@ -298,6 +348,7 @@ class PeftMethod:
             for param in self._parameters(model, name):
                 param.requires_grad = flag
         cache[(self.name, "trainable")] = wanted
+        set_active_heads(model, self.name, names, trainable, cache)
         for state in biases_of(model).values():
             if state.method == self.name:
                 state.update(active=state.name in names, trainable=state.name in wanted)
@@ -316,6 +367,7 @@ class PeftMethod:
     def adapterkit_enable(self, model: nn.Module, method: str) -> None:
         for layer in self.layers(model):
             layer.enable_adapters(True)
+        enable_heads(model, self.name, True, model.__dict__.setdefault(_CACHE, {}))
         model.__dict__.get(_CACHE, {}).pop((self.name, "trainable"), None)  # peft changed requires_grad
         self._enable_biases(model, True)
 
@@ -323,6 +375,7 @@ class PeftMethod:
     def adapterkit_disable(self, model: nn.Module, method: str) -> None:
         for layer in self.layers(model):
             layer.enable_adapters(False)
+        enable_heads(model, self.name, False, model.__dict__.setdefault(_CACHE, {}))
         model.__dict__.get(_CACHE, {}).pop((self.name, "trainable"), None)
         self._enable_biases(model, False)
 
@@ -348,6 +401,7 @@ class PeftMethod:
     @hookimpl
     def adapterkit_extract_state(self, model: nn.Module, method: str, name: str) -> dict[str, torch.Tensor]:
         state = {key: getattr(owner, leaf).detach() for key, (_, owner, leaf) in self._expected(model, name).items()}
+        state.update(head_state(model, name))
         biases = biases_of(model).get(name)
         return state if biases is None else {**state, **biases.state()}
 
@@ -356,12 +410,16 @@ class PeftMethod:
         self, model: nn.Module, method: str, name: str, state_dict: dict[str, torch.Tensor]
     ) -> None:
         expected = self._expected(model, name)
+        heads = head_state(model, name)  # the head copies' keys are the modules' own (classifier.weight)
         biases = biases_of(model).get(name)
         if biases is not None:
             biases.load(state_dict)
             state_dict = {key: value for key, value in state_dict.items() if key not in biases.entries}
         state_dict = without_saved_base_weights(expected, state_dict, method, name)
-        check_state_dict(expected, state_dict, method, name)
+        check_state_dict({**expected, **{k: (None, v, "data") for k, v in heads.items()}}, state_dict, method, name)
+        if heads:
+            load_head_state(model, name, {k: state_dict[k] for k in heads})
+            state_dict = {k: v for k, v in state_dict.items() if k not in heads}
         layers, params = {}, []
         for key, (site, owner, leaf) in expected.items():
             param = nn.Parameter(state_dict[key], requires_grad=False)
@@ -377,6 +435,9 @@ class PeftMethod:
             # adapter there would drop the file's tensors. Keep them on the CPU, in the layer's
             # dtype, for the dispatch plugin to offload with the layer.
             moved |= place(layer, name, device=torch.device("cpu") if offloaded(layer) else None)
+        if model.__dict__.get(_CACHE, {}).pop((self.name, "upcast", name), True):
+            for layer in layers.values():
+                moved |= upcast(layer, name)
         self._renewed(model, name, None if moved else params)
 
     def _renewed(self, model: nn.Module, name: str, params: list[nn.Parameter] | None = None) -> None:
@@ -400,20 +461,23 @@ class PeftMethod:
             )
         layers = self.layers(model)
         merged_before = [(layer, list(layer.merged_adapters)) for layer in layers]
-        kept: list[_BaseTensors] = []
+        done: list[tuple[BaseTunerLayer, bool, _BaseTensors]] = []
         try:
             for layer in layers:
                 # Not those merged already: a layer merges the ones it nests (MultiheadAttention's out_proj).
                 present = [n for n in names if has_adapter(layer, n) and n not in layer.merged_adapters]
                 if present:
-                    kept.append(_BaseTensors(layer))
+                    saved = _BaseTensors(layer)
+                    # unmerge puts the quantized weights back: exact, where peft requantizes
+                    done.append((layer, keep_quantized_weights(layer), saved))
                     with merge_errors(method, present, functools.partial(self._path, model, layer)):
                         # safe_merge: peft computes each merged tensor aside and checks it before it writes
                         layer.merge(safe_merge=True, adapter_names=present)
         except BaseException:
             # Put back the base tensors of the layers merged before the refusal: the model exactly as it was.
-            for saved in reversed(kept):
-                saved.restore()
+            for layer, quantized, saved in reversed(done):
+                if not (quantized and restore_quantized_weights(layer)):
+                    saved.restore()
             for layer, merged in merged_before:
                 layer.merged_adapters = merged
             raise
@@ -428,6 +492,8 @@ class PeftMethod:
                 continue
             # The core unmerges the last merged first: here a tail of what this layer merged.
             keep = [n for n in merged if n not in taken]
+            if not keep and restore_quantized_weights(layer):
+                continue  # the quantized weights from before the merge are back, bit for bit
             layer.merged_adapters = [n for n in merged if n in taken]
             try:
                 layer.unmerge()
@@ -447,6 +513,8 @@ class PeftMethod:
 
     @hookimpl
     def adapterkit_delete(self, model: nn.Module, method: str, name: str) -> None:
+        delete_heads(model, name)
+        model.__dict__.get(_CACHE, {}).pop(HEADS_KEY, None)
         forget_adapter_biases(model, name)
         # Innermost first: a layer nested in another's base is unwrapped before its outer layer is.
         for site in reversed(self.sites(model, name)):
