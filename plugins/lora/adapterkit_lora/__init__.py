@@ -73,11 +73,14 @@ class LoraMethod(PeftMethod):
                     f"per_sample cannot route LoRA adapters {held} on a peft {kind.__name__} layer: {why}; "
                     "run their rows as batches of their own with set_active"
                 )
-        with rows_without_biases(model, self.name, rows):
+        with (
+            rows_without_biases(model, self.name, rows),
             # Layers that hold none of the rows' adapters compute the base layer for every row.
-            with replaced_forwards(idle, lambda layer: layer.base_layer):
-                with self._routed(layers, rows):
-                    yield
+            replaced_forwards(idle, lambda layer: layer.base_layer),
+            self._routed(layers, rows),
+            routed_heads(model, rows),
+        ):
+            yield
 
     @contextlib.contextmanager
     def _routed(self, layers: list[nn.Module], rows: list[str]) -> Iterator[None]:
@@ -94,7 +97,7 @@ class LoraMethod(PeftMethod):
             layer.register_forward_pre_hook(route, with_kwargs=True) for layer in layers if id(layer) not in chosen
         ]
         try:
-            with replaced_forwards(grouped, lambda layer: _GroupedForward(layer, rows, groups)), routed_heads(model, rows):
+            with replaced_forwards(grouped, lambda layer: _GroupedForward(layer, rows, groups)):
                 yield
         finally:
             for handle in handles:
