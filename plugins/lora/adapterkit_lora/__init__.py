@@ -43,8 +43,10 @@ class LoraMethod(PeftMethod):
                     )
 
     @hookimpl
-    def adapterkit_inject(self, model: nn.Module, method: str, name: str, config: Any, empty: bool) -> None:
-        super().adapterkit_inject(model, method, name, config, empty)
+    def adapterkit_inject(
+        self, model: nn.Module, method: str, name: str, config: Any, empty: bool, autocast_adapter_dtype: bool = True
+    ) -> None:
+        super().adapterkit_inject(model, method, name, config, empty, autocast_adapter_dtype)
         for layer in self.layers(model):
             if isinstance(layer, LoraMultiheadAttention) and "forward" not in layer.__dict__:
                 layer.__dict__["forward"] = _ExactBaseForward(layer)
