@@ -45,11 +45,11 @@ class AdapterMixin:
         """Load an adapter like transformers' ``load_adapter``; see :meth:`Adapters.load`.
 
         ``adapter_kwargs`` may hold ``subfolder``, ``cache_dir``,
-        ``local_files_only`` and ``allow_pickle``. Device placement arguments
+        ``local_files_only``, ``allow_pickle`` and ``allow_nonfinite``. Device placement arguments
         need the dispatch plugin (``adapterkit-dispatch``).
         """
         options = {**(adapter_kwargs or {}), **kwargs}
-        unknown = set(options) - {"subfolder", "cache_dir", "local_files_only", "allow_pickle"}
+        unknown = set(options) - {"subfolder", "cache_dir", "local_files_only", "allow_pickle", "allow_nonfinite"}
         if unknown:
             raise TypeError(f"load_adapter() got unexpected arguments {sorted(unknown)}")
         self.adapterkit.load(

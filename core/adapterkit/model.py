@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import threading
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from os import PathLike
+from pathlib import Path
 from typing import Any
 
 import attrs
@@ -20,6 +22,7 @@ import torch
 from torch import nn
 
 from . import files
+from .concurrency import OpenBlocks, serialised
 from .configs import config_to_dict, resolve_config
 from .errors import (
     AdapterExistsError,
@@ -33,6 +36,7 @@ from .errors import (
     UnsupportedOperationError,
 )
 from .registry import Method, MethodRegistry, default_registry
+from .rollback import Snapshot
 
 __all__ = ["Adapters", "attach", "BASE", "DEFAULT_NAME"]
 
@@ -50,47 +54,6 @@ class _Adapter:
     method: Method
     config: Any
     trainable: bool
-
-
-class _Snapshot:
-    """The parts of a model an injection may change, to put back after a failure.
-
-    Every module's children and every parameter's ``requires_grad`` are recorded, except
-    inside the per-adapter containers of the adapters already attached (a ``ModuleDict`` or
-    ``ParameterDict`` keyed by their names, such as peft's ``lora_A``): the plugin's
-    ``delete`` removes the failed adapter's entries from those, and adapterkit re-applies the
-    other adapters' ``requires_grad``. So the cost does not grow with the adapters loaded.
-    """
-
-    def __init__(self, model: nn.Module, adapters: Iterable[str] = ()) -> None:
-        names = frozenset(adapters)
-        self.children: list[tuple[nn.Module, dict[str, nn.Module | None]]] = []
-        self.requires_grad: list[tuple[nn.Parameter, bool]] = []
-        seen: set[int] = set()
-        stack = [model]
-        while stack:
-            module = stack.pop()
-            if id(module) in seen or (names and _adapter_container(module, names)):
-                continue
-            seen.add(id(module))
-            self.children.append((module, dict(module._modules)))
-            self.requires_grad.extend((p, p.requires_grad) for p in module._parameters.values() if p is not None)
-            stack.extend(child for child in module._modules.values() if child is not None)
-
-    def restore(self) -> None:
-        for module, children in self.children:
-            module._modules.clear()
-            module._modules.update(children)
-        for param, flag in self.requires_grad:
-            param.requires_grad_(flag)
-
-
-def _adapter_container(module: nn.Module, names: frozenset[str]) -> bool:
-    """Whether ``module`` holds per-adapter entries: a ModuleDict/ParameterDict whose first key names an adapter."""
-    if not isinstance(module, (nn.ModuleDict, nn.ParameterDict)):
-        return False
-    entries = module._modules or module._parameters
-    return bool(entries) and next(iter(entries)) in names
 
 
 def check_name(name: Any) -> str:
@@ -122,11 +85,16 @@ class Adapters:
       ``is_trainable=True``), is active, and adapters are enabled.
     * Names are unique across methods; reusing one is an :class:`AdapterExistsError`.
     * A failed ``add`` or ``load`` leaves the model exactly as it was.
+    * Operations from several threads run one after the other (see :attr:`lock`);
+      forwards never wait for them.
     """
 
     def __init__(self, model: nn.Module, registry: MethodRegistry | None = None) -> None:
         self.model = model
         self.registry = registry or default_registry()
+        self.lock = threading.RLock()
+        """Every operation runs holding this re-entrant lock; hold it yourself to make several one step."""
+        self._blocks = OpenBlocks()  # per_sample blocks open on this model, in any thread
         self._adapters: dict[str, _Adapter] = {}
         self._active: list[str] = []
         self._merged: list[str] = []
@@ -226,6 +194,7 @@ class Adapters:
             self._call(method, "adapterkit_set_active", names=names, trainable=trainable)
 
     # -- adding --------------------------------------------------------------
+    @serialised
     def add(self, config: Any, name: str = DEFAULT_NAME) -> str:
         """Add a new, freshly initialised, trainable adapter and make it the only active one.
 
@@ -239,6 +208,7 @@ class Adapters:
         self._attach(name, method, config, state_dict=None, trainable=True)
         return name
 
+    @serialised
     def load(
         self,
         source: str | PathLike[str] | None,
@@ -253,6 +223,7 @@ class Adapters:
         config: Any = None,
         state_dict: Mapping[str, torch.Tensor] | None = None,
         allow_pickle: bool = False,
+        allow_nonfinite: bool = False,
         device_map: str | dict[str, Any] | None = None,
         max_memory: dict[Any, Any] | None = None,
         offload_folder: str | PathLike[str] | None = None,
@@ -276,6 +247,8 @@ class Adapters:
             keys with or without peft's ``base_model.model.`` prefix.
         :param allow_pickle: allow reading ``adapter_model.bin`` (pickle) when no
             safetensors file exists. Only for sources you trust.
+        :param allow_nonfinite: load weights that hold NaN or infinite values (refused by
+            default with a :class:`CheckpointError`: such an adapter makes every output NaN).
         :param device_map: after loading, re-dispatch the model with this device
             map (needs the dispatch plugin, see :meth:`dispatch`); ``max_memory``,
             ``offload_folder`` and ``offload_index`` go with it.
@@ -309,6 +282,14 @@ class Adapters:
                 config = files.read_config(found.config)
         method, config = resolve_config(config, self.registry, method_name=claimed)
         tensors = files.strip_prefix(state_dict)
+        if not allow_nonfinite:
+            bad = files.nonfinite(tensors)
+            if bad:
+                raise CheckpointError(
+                    f"adapter {name!r}: {len(bad)} weight tensor(s) hold NaN or infinite values ({', '.join(bad[:3])}"
+                    f"{', ...' if len(bad) > 3 else ''}), which would make the model's outputs NaN; "
+                    "pass allow_nonfinite=True to load them anyway"
+                )
         self._attach(name, method, config, state_dict=tensors, trainable=is_trainable)
         if device_map is not None:
             try:
@@ -329,6 +310,7 @@ class Adapters:
             )
         return hook
 
+    @serialised
     def dispatch(
         self,
         device_map: str | dict[str, Any] = "auto",
@@ -342,13 +324,15 @@ class Adapters:
         ``device_map`` is ``"auto"``, ``"balanced"``, ``"balanced_low_0"``,
         ``"sequential"`` or an explicit ``{module name: device}`` dict.
         """
-        self._dispatcher()(
-            model=self.model,
-            device_map=device_map,
-            max_memory=max_memory,
-            offload_folder=None if offload_folder is None else str(offload_folder),
-            offload_index=offload_index,
-        )
+        hook = self._dispatcher()
+        with self.registry.faults(hook.get_hookimpls()[-1].plugin_name, "adapterkit_dispatch"):
+            hook(
+                    model=self.model,
+                device_map=device_map,
+                max_memory=max_memory,
+                offload_folder=None if offload_folder is None else str(offload_folder),
+                offload_index=offload_index,
+            )
 
     def _check_new_name(self, name: str) -> None:
         check_name(name)
@@ -369,7 +353,8 @@ class Adapters:
     ) -> None:
         if self._merged:
             raise AdapterStateError(f"cannot attach {name!r} while {self._merged} are merged; unmerge() first")
-        snapshot = _Snapshot(self.model, self._adapters)
+        self._blocks.refuse(f"add or load adapter {name!r} (it would become active)")
+        snapshot = Snapshot(self.model, self._adapters)
         previous_active = self._active
         if not self._adapters:
             for param in self.model.parameters():
@@ -392,7 +377,7 @@ class Adapters:
             self._rollback(method, name, snapshot)
             raise
 
-    def _rollback(self, method: Method, name: str, snapshot: _Snapshot) -> None:
+    def _rollback(self, method: Method, name: str, snapshot: Snapshot) -> None:
         with contextlib.suppress(Exception):
             self._call(method, "adapterkit_delete", name=name)
         snapshot.restore()
@@ -401,6 +386,7 @@ class Adapters:
         snapshot.restore()  # set_active may touch requires_grad; the snapshot has the last word
 
     # -- activity ------------------------------------------------------------
+    @serialised
     def set_active(self, names: str | Sequence[str]) -> None:
         """Make exactly ``names`` active (across methods; ``[]`` deactivates all)."""
         items = self._names_list(names, "set_active") if names != [] else []
@@ -409,9 +395,11 @@ class Adapters:
         self._active = items
         self._apply_active()
 
+    @serialised
     def disable(self) -> None:
         """Make the model compute as without adapters (adapters stay attached). Unmerges merged adapters first."""
         self._require_adapters("disable adapters")
+        self._blocks.refuse("disable adapters")
         if self._merged:
             self.unmerge()
         for method in self._methods():
@@ -419,6 +407,7 @@ class Adapters:
         self._enabled = False
         self._apply_active()
 
+    @serialised
     def enable(self) -> None:
         """Undo :meth:`disable`."""
         self._require_adapters("enable adapters")
@@ -450,6 +439,7 @@ class Adapters:
             )
         return self._active[0]
 
+    @serialised
     def state_dict(self, name: str | None = None, *, prefix: str = files.PEFT_PREFIX) -> dict[str, torch.Tensor]:
         """Adapter ``name``'s tensors with peft's file keys (``base_model.model.<module>.lora_A.weight``).
 
@@ -461,6 +451,7 @@ class Adapters:
         tensors = self._call(adapter.method, "adapterkit_extract_state", name=name)
         return {prefix + key: value for key, value in tensors.items()}
 
+    @serialised
     def save(
         self, directory: str | PathLike[str], names: str | Sequence[str] | None = None, *, overwrite: bool = False
     ) -> None:
@@ -469,18 +460,22 @@ class Adapters:
         Each adapter folder is written crash-safely (see :func:`adapterkit.files.write_adapter`).
         A folder that already holds an adapter is replaced only with ``overwrite=True``;
         otherwise :class:`CheckpointExistsError` is raised before anything is written.
+        A folder that cannot be written (disk full, read-only, no permission) is a
+        :class:`SaveError` (also an ``OSError``) naming it.
         """
         items = self._names_list(self.names if names is None else names, "save")
         for name in items:
             folder = files.adapter_folder(directory, name)
-            blocked = next((p for p in (folder, *folder.parents) if p.exists() and not p.is_dir()), None)
+            with files.saving(folder):  # a path the file system refuses (too long, no permission): a SaveError
+                blocked = next((p for p in (folder, *folder.parents) if p.exists() and not p.is_dir()), None)
             if blocked is not None:
                 raise CheckpointError(
                     f"cannot save adapter {name!r} to {str(folder)!r}: {str(blocked)!r} is a file, not a folder; "
                     "pass a folder path"
                 )
         if not overwrite:
-            taken = [str(files.adapter_folder(directory, n)) for n in items if files.holds_adapter(files.adapter_folder(directory, n))]
+            with files.saving(Path(directory)):
+                taken = [str(f) for n in items if files.holds_adapter(f := files.adapter_folder(directory, n))]
             if taken:
                 raise CheckpointExistsError(f"{taken} already hold an adapter; pass overwrite=True to replace them")
         for name in items:
@@ -497,6 +492,7 @@ class Adapters:
             )
 
     # -- merging and deleting ------------------------------------------------
+    @serialised
     def merge(self, names: str | Sequence[str] | None = None) -> None:
         """Fold adapters (default: the active ones) into the base weights."""
         self._require_adapters("merge")
@@ -508,6 +504,7 @@ class Adapters:
             raise AdapterStateError(f"adapters {already} are already merged; unmerge() first")
         if not items:
             raise AdapterStateError("nothing to merge: no adapter is active; name the adapters to merge")
+        self._blocks.refuse("merge")
         done: list[tuple[Method, list[str]]] = []
         try:
             for method, group in self._by_method(items).items():
@@ -521,6 +518,7 @@ class Adapters:
                 self._merged = [n for n in self._merged if n not in group]
             raise
 
+    @serialised
     def unmerge(self) -> None:
         """Take every merged adapter back out of the base weights."""
         self._require_adapters("unmerge")
@@ -530,11 +528,13 @@ class Adapters:
             self._call(method, "adapterkit_unmerge", names=group)
             self._merged = [n for n in self._merged if n not in group]
 
+    @serialised
     def delete(self, name: str) -> None:
         """Remove adapter ``name`` and its parameters; it leaves the active list."""
         adapter = self._get(name)
         if name in self._merged:
             raise AdapterStateError(f"adapter {name!r} is merged; unmerge() before deleting it")
+        self._blocks.refuse(f"delete adapter {name!r}", [name])
         self._call(adapter.method, "adapterkit_delete", name=name)
         del self._adapters[name]
         self._method_list = None
@@ -548,8 +548,25 @@ class Adapters:
 
         ``"__base__"`` means no adapter for that row. Inference only: the model
         must be in eval mode, enabled, with nothing merged. Adapters of methods
-        not named in ``rows`` are switched off inside the block.
+        not named in ``rows`` act on no row inside the block.
+
+        The routing applies to forwards in the thread that opened the block; other
+        threads' forwards on the same model compute the active adapters as usual.
+        (A method that implements no per-sample routing, when not named in ``rows``,
+        is disabled for the block instead, model-wide.) While the block is open, no
+        thread may merge, disable, add or load adapters on the model or delete one
+        that ``rows`` names: those raise :class:`AdapterStateError`.
         """
+        with self.lock:
+            stack, token = self._open_per_sample(rows)
+        try:
+            yield
+        finally:
+            with self.lock:
+                self._blocks.close(token)
+                stack.close()
+
+    def _open_per_sample(self, rows: Sequence[str]) -> tuple[contextlib.ExitStack, object]:
         self._require_adapters("run per_sample")
         if isinstance(rows, str) or not isinstance(rows, Sequence) or not rows:
             raise AdapterNameError(f"per_sample takes a non-empty list of adapter names, one per batch row; got {rows!r}")
@@ -562,36 +579,53 @@ class Adapters:
             raise AdapterStateError(f"per_sample cannot run while {self._merged} are merged; unmerge() first")
         if not self._enabled:
             raise AdapterStateError("per_sample cannot run while adapters are disabled; enable() first")
+        rows = list(rows)
         named = self._by_method([r for r in dict.fromkeys(rows) if r != BASE])
+        disabled: list[Method] = []
         with contextlib.ExitStack() as stack:
             # Registered first, so it runs last: re-enabling a method (peft's enable_adapters) makes
             # its active adapters trainable, frozen ones included; put requires_grad back as it was.
-            stack.callback(self._apply_active)
+            stack.callback(lambda: disabled and self._apply_active())
             for method in self._methods():
-                if method in named:
-                    stack.enter_context(self._call(method, "adapterkit_per_sample", rows=list(rows)))
-                else:
-                    self._call(method, "adapterkit_disable")
-                    stack.callback(self._call, method, "adapterkit_enable")
-            yield
+                if method in named or self.registry.implements(method, "adapterkit_per_sample"):
+                    try:
+                        # A method no row names routes every row to the base model, in this thread only.
+                        with self.registry.faults(method.plugin_name, "adapterkit_per_sample", method.name):
+                            stack.enter_context(self._call(method, "adapterkit_per_sample", rows=rows))
+                        continue
+                    except UnsupportedOperationError:
+                        if method in named:
+                            raise
+                self._call(method, "adapterkit_disable")
+                disabled.append(method)
+                stack.callback(self._call, method, "adapterkit_enable")
+            token = self._blocks.open(rows)
+            return stack.pop_all(), token
 
     # -- copying ---------------------------------------------------------------
+    _UNSHARED = ("registry", "lock", "_blocks", "_method_list")  # rebuilt, never copied or pickled
+
     def __getstate__(self) -> dict[str, Any]:
-        state = self.__dict__.copy()
-        state.pop("registry")  # plugin managers do not pickle; the default one is rebuilt on load
-        state.pop("_method_list", None)  # a cache
-        return state
+        return {key: value for key, value in self.__dict__.items() if key not in self._UNSHARED}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
         self.registry = default_registry()
+        self.lock = threading.RLock()
+        self._blocks = OpenBlocks()
         self._method_list = None
 
     def __deepcopy__(self, memo: dict[int, Any]) -> Adapters:
         new = Adapters.__new__(Adapters)
         memo[id(self)] = new
-        for key, value in self.__dict__.items():
-            new.__dict__[key] = value if key == "registry" else copy.deepcopy(value, memo)
+        with self.lock:
+            for key, value in self.__dict__.items():
+                if key not in self._UNSHARED:
+                    new.__dict__[key] = copy.deepcopy(value, memo)
+        new.registry = self.registry
+        new.lock = threading.RLock()
+        new._blocks = OpenBlocks()
+        new._method_list = None
         return new
 
 
@@ -603,9 +637,11 @@ def attach(model: nn.Module, registry: MethodRegistry | None = None) -> Adapters
         model = model.module  # the adapters belong to the wrapped model, not to the wrapper
     handle = model.__dict__.get(_HANDLE_ATTR)
     if handle is None:
-        handle = Adapters(model, registry)
         # Plain attribute, not a submodule: the handle must not appear in model.state_dict().
-        object.__setattr__(model, _HANDLE_ATTR, handle)
+        # setdefault: two threads attaching at once get the same handle (and the same lock).
+        handle = model.__dict__.setdefault(_HANDLE_ATTR, Adapters(model, registry))
+        if registry is not None and registry is not handle.registry:
+            raise AdapterStateError("this model is already attached with another registry")
     elif registry is not None and registry is not handle.registry:
         raise AdapterStateError("this model is already attached with another registry")
     return handle
