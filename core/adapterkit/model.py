@@ -12,7 +12,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import threading
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from os import PathLike
 from pathlib import Path
 from typing import Any
@@ -56,8 +56,21 @@ class _Adapter:
     trainable: bool
 
 
+MAX_NAME_BYTES = 128
+"""The longest adapter name, in UTF-8 bytes: names become folder names (and temporary folder names) on save."""
+
+# Attributes of the containers plugins keep per adapter (peft's ModuleDict/ParameterDict keyed by adapter
+# name): a name equal to one of them ("keys", "update", "training", "forward", ...) cannot be a key there.
+_TAKEN = frozenset(dir(nn.ModuleDict()) + dir(nn.ParameterDict()))
+
+
 def check_name(name: Any) -> str:
-    """Return ``name`` if it can name an adapter, else raise :class:`AdapterNameError`."""
+    """Return ``name`` if it can name an adapter, else raise :class:`AdapterNameError`.
+
+    Names become keys of the per-adapter ``ModuleDict``/``ParameterDict`` containers of
+    every plugin, parts of state-dict keys, and folder names when saved, so the core
+    refuses for every method what one of those cannot hold.
+    """
     if not isinstance(name, str):
         raise AdapterNameError(f"adapter names are strings, got {name!r} ({type(name).__name__})")
     problem = None
@@ -69,8 +82,14 @@ def check_name(name: Any) -> str:
         problem = "contains '.', '/' or '\\' (names become module keys and folder names)"
     elif name != name.strip():
         problem = "has leading or trailing whitespace"
+    elif any(ord(ch) < 32 or ord(ch) == 127 for ch in name):
+        problem = "contains a control character such as NUL or a newline (names become folder names)"
+    elif len(name.encode("utf-8", "surrogatepass")) > MAX_NAME_BYTES:
+        problem = f"is longer than {MAX_NAME_BYTES} bytes (names become folder names)"
+    elif name in _TAKEN:
+        problem = "is an attribute of torch's ModuleDict/ParameterDict, where adapters are kept by name"
     if problem:
-        raise AdapterNameError(f"adapter name {name!r} {problem}; use e.g. 'default' or 'task_a'")
+        raise AdapterNameError(f"adapter name {name!r:.80} {problem}; use e.g. 'default' or 'task_a'")
     return name
 
 

@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import importlib.metadata
 import importlib.util
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -12,10 +17,58 @@ from toy_plugin import ScalePlugin
 import adapterkit
 
 
-def test_no_plugin_and_no_peft_is_installed():
+def test_no_plugin_is_installed_and_the_core_needs_no_peft():
     assert adapterkit.available_methods() == {}
-    assert importlib.util.find_spec("peft") is None
     assert importlib.util.find_spec("adapterkit_lora") is None
+    assert importlib.util.find_spec("adapterkit_peft") is None
+    requires = [r for r in importlib.metadata.requires("adapterkit") or [] if "extra ==" not in r]
+    assert not [r for r in requires if r.lower().startswith(("peft", "transformers"))], requires
+
+
+def test_the_whole_core_api_never_imports_peft(tmp_path):
+    """peft is installed in this env (tox.ini) only so that this can fail: the core must never import it."""
+    assert importlib.util.find_spec("peft") is not None, "install peft beside the core for this test to mean anything"
+    tests = Path(__file__).parents[1]
+    script = textwrap.dedent(
+        f"""
+        import sys
+        sys.path.insert(0, {str(tests)!r})
+        import torch
+        import adapterkit, adapterkit.cli, adapterkit.files, adapterkit.routing, adapterkit.testing
+        from conftest import make_mlp, mlp_input
+        from toy_plugin import ScalePlugin
+
+        pm = adapterkit.make_plugin_manager()
+        pm.register(ScalePlugin(), name="toy")
+        registry = adapterkit.MethodRegistry(pm)
+        model, x = make_mlp(), mlp_input()
+        adapters = adapterkit.attach(model, registry)
+        adapters.add("scale[target_modules=['head'], init=0.5]", "a")
+        adapters.add({{"method": "scale", "target_modules": ["head"], "init": 2.0}}, "b")
+        adapters.set_active(["a", "b"])
+        with adapters.disabled():
+            model(x)
+        with adapters.per_sample(["a", "__base__", "b", "a", "b"]):
+            model(x)
+        adapters.save({str(tmp_path)!r})
+        other = adapterkit.attach(make_mlp(), registry)
+        other.load({str(tmp_path)!r}, "a", subfolder="a")
+        other.state_dict("a")
+        for bad in (lambda: adapters.merge(), lambda: adapters.dispatch("auto")):
+            try:
+                bad()
+            except adapterkit.UnsupportedOperationError:
+                pass
+        adapterkit.format_config(adapters.config("a"), registry)
+        adapterkit.available_methods()
+        adapters.delete("b")
+        leaked = sorted(m for m in sys.modules if m == "peft" or m.startswith(("peft.", "adapterkit_peft")))
+        assert not leaked, leaked
+        print("ok")
+        """
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stdout + done.stderr
 
 
 @pytest.mark.parametrize(("method", "dist"), [("lora", "adapterkit-lora"), ("ia3", "adapterkit-ia3"), ("AdaLoRA", "adapterkit-adalora")])

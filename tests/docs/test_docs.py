@@ -260,5 +260,5 @@ def test_api_reference_covers_the_public_api() -> None:
     assert not missing, (
         f"public names of adapterkit.__all__ missing from the API reference (docs/reference/*.md): {missing}"
     )
-    for extra in ("adapterkit.testing", "adapterkit.peft_glue.PeftMethod", "adapterkit.hookspecs"):
+    for extra in ("adapterkit.testing", "adapterkit_peft.PeftMethod", "adapterkit.hookspecs"):
         assert extra in directives, f"{extra} is not in the API reference"

@@ -1,7 +1,7 @@
 """Loading builds exactly the layers peft builds, through the direct path or the tuner fallback.
 
 ``PeftMethod(direct_load=True)`` wraps each target with the tuner's per-target code instead of
-constructing the tuner (see peft_glue). These tests hold it to peft: same module tree, same
+constructing the tuner (see adapterkit_peft). These tests hold it to peft: same module tree, same
 per-layer settings, same requires_grad, same outputs as ``PeftModel.from_pretrained`` of the
 same folder, for configs that take the direct path and for those that fall back to the tuner.
 """
@@ -17,7 +17,7 @@ from torch import nn
 
 import adapterkit
 from adapterkit import TargetError
-from adapterkit.peft_glue import PeftMethod
+from adapterkit_peft import PeftMethod
 
 QKV_DOWN = ["q_proj", "v_proj", "down_proj"]
 CONFIGS = {

@@ -69,11 +69,11 @@ from adapterkit import (
     UnknownAdapterError,
     hookimpl,
 )
-from adapterkit.peft_glue import PeftMethod, check_rows, replaced_forwards
+from adapterkit.routing import check_rows, replaced_forwards
+from adapterkit_peft import PeftMethod, empty_weights
 from peft import AdaLoraConfig
 from peft.tuners.adalora import AdaLoraModel
 from peft.tuners.adalora.layer import RankAllocator
-from peft.utils.integrations import init_empty_weights
 from torch import nn
 
 __all__ = ["AdaLoraMethod", "plugin", "update_and_allocate", "orthogonal_regularization"]
@@ -250,7 +250,7 @@ class AdaLoraMethod(PeftMethod):
             layer = sites[key.removesuffix(".lora_E")].layer
             rank = sum(mask)
             ranknum = layer.ranknum[name].detach().clone()
-            with init_empty_weights(include_buffers=False):
+            with empty_weights():
                 layer.update_layer(name, rank, config.lora_alpha, config=config)
             if rank > 0:
                 with torch.no_grad():

@@ -39,7 +39,8 @@ from typing import Any
 
 import torch
 from adapterkit import ConfigValueError, UnsupportedOperationError, hookimpl
-from adapterkit.peft_glue import PeftMethod, check_rows, replaced_forwards
+from adapterkit.routing import check_rows, replaced_forwards
+from adapterkit_peft import PeftMethod
 from peft import IA3Config
 from peft.tuners.ia3 import IA3Model
 from peft.tuners.ia3.layer import Linear as IA3Linear

@@ -8,7 +8,8 @@ from typing import Any
 
 import torch
 from adapterkit import ConfigValueError, UnsupportedOperationError, hookimpl
-from adapterkit.peft_glue import PeftMethod, check_rows, replaced_forwards
+from adapterkit.routing import check_rows, replaced_forwards
+from adapterkit_peft import PeftMethod
 from peft import LoraConfig
 from peft.tuners.lora import Linear as LoraLinear
 from peft.tuners.lora import LoraModel

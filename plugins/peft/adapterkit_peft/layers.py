@@ -1,0 +1,164 @@
+"""peft adapter layers in a model: where they sit, what they hold, where their tensors go."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import torch
+from peft.tuners.tuners_utils import BaseTunerLayer
+from torch import nn
+
+from ._peft import BufferDict, base_device_and_dtype
+
+__all__ = [
+    "LayerSite",
+    "adapter_tensors",
+    "container",
+    "follow_training_mode",
+    "has_adapter",
+    "is_empty",
+    "logical_modules",
+    "offloaded",
+    "place",
+]
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerSite:
+    """An adapter layer, where it sits (``getattr(parent, attr) is layer``), and its logical path.
+
+    The logical path is the module path with the ``base_layer`` hops of wrappers
+    removed: the same whatever other adapters wrap the layer, and the path peft
+    uses for the layer's keys when it is alone.
+    """
+
+    logical: str
+    parent: nn.Module
+    attr: str
+    layer: BaseTunerLayer
+
+
+def container(layer: BaseTunerLayer, attr: str) -> Any:
+    """``getattr(layer, attr, None)``, straight from ``_modules`` when it is a module (no ``__getattr__`` detour)."""
+    found = layer._modules.get(attr)
+    return found if found is not None else getattr(layer, attr, None)
+
+
+def adapter_tensors(layer: BaseTunerLayer, name: str) -> Iterator[tuple[str, nn.Module | nn.ParameterDict, str]]:
+    """Yield ``(suffix, owner, leaf)`` for each parameter of adapter ``name`` in ``layer``.
+
+    ``suffix`` is the key below the layer without the adapter name
+    (``lora_A.weight``); ``getattr(owner, leaf)`` is the parameter.
+    """
+    for attr in layer.adapter_layer_names:
+        found = container(layer, attr)
+        if found is None or name not in found:
+            continue
+        item = found[name]
+        if isinstance(item, nn.Parameter):
+            yield attr, found, name
+        else:
+            for param_name, _ in item.named_parameters():
+                *path, leaf = param_name.split(".")
+                owner = item.get_submodule(".".join(path)) if path else item
+                yield f"{attr}.{param_name}", owner, leaf
+
+
+def has_adapter(layer: BaseTunerLayer, name: str) -> bool:
+    return any(name in (container(layer, attr) or ()) for attr in layer.adapter_layer_names)
+
+
+def is_empty(layer: BaseTunerLayer) -> bool:
+    return not any(len(getattr(layer, attr, ())) for attr in layer.adapter_layer_names)
+
+
+def offloaded(layer: BaseTunerLayer) -> bool:
+    """Whether the layer's base weight is on the meta device (offloaded to CPU or disk by accelerate)."""
+    weight = getattr(layer.get_base_layer(), "weight", None)
+    return isinstance(weight, torch.Tensor) and weight.is_meta
+
+
+def logical_modules(model: nn.Module, *, into_layers: bool) -> Iterator[tuple[str, nn.Module, str, nn.Module]]:
+    """``(logical path, parent, attr, module)`` for the modules of ``model``, parents before children.
+
+    What an adapter layer holds for its adapters is never entered, so the walk costs the
+    same with 1 or 100 adapters loaded. With ``into_layers``, a layer's base layer is
+    (under the layer's own path: the logical path drops ``base_layer`` hops); without, the
+    walk stops at adapter layers, as peft's injection does.
+    """
+    stack: list[tuple[str, nn.Module]] = [("", model)]
+    while stack:
+        path, module = stack.pop()
+        if isinstance(module, BaseTunerLayer):
+            base = module._modules.get("base_layer")
+            children = [(path, "base_layer", base)] if into_layers and base is not None else []
+        else:
+            children = [
+                (f"{path}.{attr}" if path else attr, attr, child)
+                for attr, child in module._modules.items()
+                if child is not None
+            ]
+        for child_path, attr, child in children:
+            yield child_path, module, attr, child
+        stack.extend((child_path, child) for child_path, _, child in reversed(children))
+
+
+def place(layer: BaseTunerLayer, name: str, device: torch.device | None = None) -> bool:
+    """Move adapter ``name`` of ``layer`` to its base layer's device and floating dtype (or to ``device``).
+
+    peft's ``_move_adapter_to_device_of_base_layer`` for one adapter, without its scan of
+    every other adapter's parameters (which made each load slower than the last). Returns
+    whether anything moved (into new parameter objects).
+    """
+    base = layer.get_base_layer()
+    if isinstance(base, nn.MultiheadAttention):
+        base = base.out_proj
+    base_device, base_dtype = base_device_and_dtype(layer, base)
+    device = device or base_device
+    if device is None:
+        return False
+    moved = False
+    dtype = base_dtype if base_dtype is not None and (base_dtype.is_floating_point or base_dtype.is_complex) else None
+    for attr in (*layer.adapter_layer_names, *layer.other_param_names):
+        found = container(layer, attr)
+        if not isinstance(found, (nn.ModuleDict, nn.ParameterDict, BufferDict)) or name not in found:
+            continue
+        item = found[name]
+        if isinstance(item, nn.Module):
+            tensors = [
+                t for m in item.modules() for t in (*m._parameters.values(), *m._buffers.values()) if t is not None
+            ]
+        else:
+            tensors = [item]
+        if all(
+            t.device == device and (dtype is None or not t.is_floating_point() or t.dtype == dtype) for t in tensors
+        ):
+            continue
+        # Integer tensors (index buffers) keep their dtype; modules cast only their floating tensors anyway.
+        cast = isinstance(item, nn.Module) or item.is_floating_point() or item.is_complex()
+        found[name] = item.to(device, dtype=dtype) if dtype is not None and cast else item.to(device)
+        moved = True
+    return moved
+
+
+def follow_training_mode(sites: Sequence[LayerSite], name: str) -> None:
+    """Put adapter ``name``'s new modules in the training mode of the layers they adapt.
+
+    peft creates them in training mode, so an adapter loaded into a model in eval mode would
+    run its dropout at inference (``PeftModel.from_pretrained`` calls ``eval()`` on the whole
+    model instead). Only the layer, its containers and this adapter's modules are touched.
+    """
+    for site in sites:
+        layer = site.layer
+        mode = layer.get_base_layer().training
+        # Straight into __dict__ (what Module.train does, without its __setattr__ checks per module).
+        layer.__dict__["training"] = mode
+        for attr, child in layer._modules.items():
+            if attr != "base_layer":
+                child.__dict__["training"] = mode
+                item = child._modules.get(name)
+                if item is not None:
+                    for module in item.modules():
+                        module.__dict__["training"] = mode

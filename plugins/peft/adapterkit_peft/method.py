@@ -1,0 +1,359 @@
+""":class:`PeftMethod`: every adapterkit hook for a method built on a peft tuner."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import warnings
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from adapterkit import UnsupportedOperationError, hookimpl
+from peft.tuners.tuners_utils import BaseTunerLayer
+from torch import nn
+
+from ._peft import ExcludedModule, bare_tuner, convert_config_for_transformers
+from .creation import empty_weights, layer_passes_skipped
+from .layers import (
+    LayerSite,
+    adapter_tensors,
+    container,
+    follow_training_mode,
+    has_adapter,
+    is_empty,
+    logical_modules,
+    offloaded,
+    place,
+)
+from .state import check_state_dict, without_saved_base_weights
+from .validation import peft_errors, validate_peft_config, warn_unmatched_patterns
+
+__all__ = ["PeftMethod", "TAG"]
+
+TAG = "_adapterkit_method"
+# Model attribute: {method: [layers], (method, "trainable"): set of names, (method, "fresh"): names whose
+# requires_grad set_active has not applied yet, (method, "params"): {name: [parameters]}}.
+_CACHE = "_adapterkit_peft_layers"
+_UNSET = object()
+
+
+class PeftMethod:
+    """An adapterkit plugin for one peft tuner method.
+
+    :param name: the method name users write (``"lora"``).
+    :param config_type: peft config class (``LoraConfig``).
+    :param tuner_type: peft tuner class that injects layers (``LoraModel``).
+    :param aliases: further names, typically peft's ``peft_type`` (``"LORA"``).
+    :param description: one line for ``adapterkit methods``.
+    :param direct_load: when loading, wrap the targets with the tuner's own per-target code
+        (``_create_and_replace``) instead of constructing the tuner, whose whole-model passes
+        make every load slower than the last. Tested for peft's LoRA, IA3 and AdaLoRA tuners;
+        leave it off for other tuners unless the conformance suite passes with it.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        config_type: type,
+        tuner_type: type,
+        *,
+        aliases: Sequence[str] = (),
+        description: str = "",
+        direct_load: bool = False,
+    ) -> None:
+        self.name = name
+        self.config_type = config_type
+        self.tuner_type = tuner_type
+        self.aliases = tuple(aliases)
+        self.description = description
+        self.direct_load = direct_load
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.name!r})"
+
+    # -- layer bookkeeping ----------------------------------------------------
+    def sites(self, model: nn.Module, name: str | None = None) -> list[LayerSite]:
+        """This method's layers in ``model`` (holding adapter ``name`` if given), with logical paths."""
+        found = [
+            LayerSite(path, parent, attr, module)
+            for path, parent, attr, module in logical_modules(model, into_layers=True)
+            if module.__dict__.get(TAG) == self.name and (name is None or has_adapter(module, name))
+        ]
+        found.sort(key=lambda site: site.logical)
+        return found
+
+    def layers(self, model: nn.Module) -> list[BaseTunerLayer]:
+        """This method's layers in ``model`` (cached on the model; inject and delete refresh it)."""
+        cache = model.__dict__.setdefault(_CACHE, {})
+        found = cache.get(self.name)
+        if found is None:
+            # dict.fromkeys: a module shared by two parents is one layer
+            found = cache[self.name] = list(dict.fromkeys(site.layer for site in self.sites(model)))
+        return found
+
+    def forget(self, model: nn.Module) -> None:
+        """Drop what :meth:`layers` and :meth:`adapterkit_set_active` remember: the layers changed."""
+        cache = model.__dict__.get(_CACHE, {})
+        for key in (self.name, *((self.name, part) for part in ("trainable", "fresh", "params", "new sites"))):
+            cache.pop(key, None)
+
+    # -- registration and configs -----------------------------------------------
+    @hookimpl
+    def adapterkit_register_methods(self, register: Any) -> None:
+        register(self.name, self.config_type, aliases=self.aliases, description=self.description)
+
+    @hookimpl
+    def adapterkit_config_from_dict(self, method: str, data: dict[str, Any]) -> Any:
+        fields = {f.name for f in dataclasses.fields(self.config_type) if f.init}
+        unknown = sorted(set(data) - fields)
+        if unknown:
+            # peft does the same for configs written by newer versions.
+            warnings.warn(f"ignoring {method} config keys unknown to this peft version: {unknown}", stacklevel=2)
+        return self.config_type(**{k: v for k, v in data.items() if k in fields})
+
+    @hookimpl
+    def adapterkit_config_to_dict(self, method: str, config: Any) -> dict[str, Any]:
+        # What peft's PeftConfig.save_pretrained writes: the dataclass fields, sets as lists.
+        return json.loads(
+            json.dumps(config.to_dict(), default=lambda v: sorted(v) if isinstance(v, (set, frozenset)) else str(v))
+        )
+
+    @hookimpl
+    def adapterkit_validate_config(self, method: str, config: Any) -> None:
+        validate_peft_config(method, config)
+
+    # -- injection ----------------------------------------------------------------
+    @hookimpl
+    def adapterkit_inject(self, model: nn.Module, method: str, name: str, config: Any, empty: bool) -> None:
+        if empty and self.direct_load and self._inject_direct(model, method, name, config):
+            return
+        # peft's tuner retouches layers and the requires_grad of every method's adapters
+        cache = model.__dict__.get(_CACHE, {})
+        for key in [k for k in cache if isinstance(k, tuple)]:
+            del cache[key]
+        self.forget(model)
+        # Hide an existing model.peft_config (e.g. transformers' mixin's): the tuner would find and extend it.
+        previous = model.__dict__.pop("peft_config", _UNSET)
+        try:
+            # The tuner wraps the targets in place; we keep the layers, not the tuner. For a load, its
+            # weights are empty (peft's own low_cpu_mem_usage would patch torch for the whole process).
+            with peft_errors(method, name), empty_weights() if empty else contextlib.nullcontext():
+                self.tuner_type(model, config, adapter_name=name, low_cpu_mem_usage=False)
+        finally:
+            # peft leaves model.peft_config behind; adapterkit keeps configs itself.
+            model.__dict__.pop("peft_config", None)
+            if previous is not _UNSET:
+                model.__dict__["peft_config"] = previous
+        for module in model.modules():
+            if isinstance(module, BaseTunerLayer) and not hasattr(module, TAG) and has_adapter(module, name):
+                setattr(module, TAG, self.name)
+        self.forget(model)
+        follow_training_mode(self.sites(model, name), name)
+
+    def _direct_load_fits(self, config: Any) -> bool:
+        """Whether the config needs nothing of the tuner beyond its per-target code."""
+        targets = getattr(config, "target_modules", None)
+        return not (
+            targets is None  # peft fills in the model type's defaults
+            or targets == "all-linear"
+            or getattr(config, "use_dora", False)  # DoRA's magnitude is computed from the base weight
+            or getattr(config, "ensure_weight_tying", False)
+            or getattr(config, "target_modules_to_tie", None)
+        )
+
+    def _inject_direct(self, model: nn.Module, method: str, name: str, config: Any) -> bool:
+        """Add adapter ``name``, with empty weights, to the targets of ``config``; False to use the tuner instead.
+
+        It runs the checks and config preparation of peft's ``inject_adapter`` and its
+        per-target ``_create_and_replace``, and skips its passes over the whole model
+        (every module and parameter, including the adapters already loaded): matching walks
+        the base modules only, existing layers do not revisit their other adapters, and
+        ``requires_grad`` is left to :meth:`adapterkit_set_active`. Cost per load: the
+        targets, whatever is loaded already.
+        """
+        if not self._direct_load_fits(config):
+            return False
+        tuner = bare_tuner(self.tuner_type, model, name, config)
+        replace = tuner._replace_module
+
+        def _replace_module(parent: nn.Module, attr: str, new: nn.Module, old: nn.Module) -> None:
+            # peft's version also moves the new layer's adapter to the base layer's device, scanning
+            # every submodule; the load places the adapter's weights itself (see place()).
+            if hasattr(new, "base_layer") and getattr(getattr(old, "base_layer", old), "state", None) is None:
+                setattr(parent, attr, new)
+            else:
+                replace(parent, attr, new, old)
+
+        tuner._replace_module = _replace_module
+        with peft_errors(method, name):
+            if hasattr(getattr(model, "config", None), "model_type"):
+                convert_config_for_transformers(config, model)
+            tuner._check_new_adapter_config(config)
+            tuner._check_tied_modules(model, config)
+            config = tuner._prepare_adapter_config(config, tuner.get_model_config(model))
+            tuner._prepare_model(config, model)
+            walked = list(logical_modules(model, into_layers=False))
+            targets = [
+                site
+                for site in walked
+                if (found := tuner._check_target_module_exists(config, site[0]))
+                and not isinstance(found, ExcludedModule)
+            ]
+            if not targets or not self._direct_load_fits(config):
+                return False  # the tuner raises (or warns) in its own words
+            cache = model.__dict__.setdefault(_CACHE, {})
+            if self.name not in cache and not any(isinstance(site[3], BaseTunerLayer) for site in walked):
+                cache[self.name] = []  # no adapter layer anywhere yet: nothing for layers() to walk for
+            layers = self.layers(model)
+            sites = []
+            existing = [target for _, _, _, target in targets if isinstance(target, BaseTunerLayer)]
+            with empty_weights(), layer_passes_skipped(existing):
+                for key, parent, attr, target in targets:
+                    tuner._check_target_module_compatiblity(config, model, attr)
+                    tuner._create_and_replace(config, name, target, attr, parent, current_key=key)
+                    layer = parent._modules[attr]
+                    if layer is not target:
+                        setattr(layer, TAG, self.name)
+                        layers.append(layer)
+                    sites.append(LayerSite(key, parent, attr, layer))
+        warn_unmatched_patterns(config, [site.logical for site in sites])
+        follow_training_mode(sites, name)
+        cache.setdefault((self.name, "fresh"), set()).add(name)
+        # Handed to the load that follows (adapterkit_load_state), which would otherwise walk the model for them.
+        cache[(self.name, "new sites")] = (name, sorted(sites, key=lambda site: site.logical))
+        return True
+
+    # -- activity -------------------------------------------------------------------
+    @hookimpl
+    def adapterkit_set_active(
+        self, model: nn.Module, method: str, names: Sequence[str], trainable: Sequence[str]
+    ) -> None:
+        names, wanted = list(names), set(trainable)
+        cache = model.__dict__.setdefault(_CACHE, {})
+        previous = cache.get((self.name, "trainable"))
+        fresh = cache.pop((self.name, "fresh"), set())
+        layers = self.layers(model)
+        for layer in layers:
+            # Straight into __dict__: nn.Module.__setattr__ checks three registries per call.
+            layer.__dict__["_active_adapter"] = names
+        # Only adapters whose trainability changes (or whose parameters are new) are touched:
+        # switching among frozen adapters costs the same with 2 or 100 of them loaded.
+        if previous is None:
+            changed = {n for layer in layers for attr in layer.adapter_layer_names for n in container(layer, attr) or ()}
+        else:
+            changed = (previous ^ wanted) | fresh
+        for name in changed:
+            flag = name in wanted
+            for param in self._parameters(model, name):
+                param.requires_grad = flag
+        cache[(self.name, "trainable")] = wanted
+
+    def _parameters(self, model: nn.Module, name: str) -> list[nn.Parameter]:
+        """The parameters of adapter ``name`` in this method's layers (cached until they are replaced)."""
+        known = model.__dict__.setdefault(_CACHE, {}).setdefault((self.name, "params"), {})
+        found = known.get(name)
+        if found is None:
+            found = known[name] = [
+                getattr(owner, leaf) for layer in self.layers(model) for _, owner, leaf in adapter_tensors(layer, name)
+            ]
+        return found
+
+    @hookimpl
+    def adapterkit_enable(self, model: nn.Module, method: str) -> None:
+        for layer in self.layers(model):
+            layer.enable_adapters(True)
+        model.__dict__.get(_CACHE, {}).pop((self.name, "trainable"), None)  # peft changed requires_grad
+
+    @hookimpl
+    def adapterkit_disable(self, model: nn.Module, method: str) -> None:
+        for layer in self.layers(model):
+            layer.enable_adapters(False)
+        model.__dict__.get(_CACHE, {}).pop((self.name, "trainable"), None)
+
+    # -- state ------------------------------------------------------------------------
+    def file_key(self, suffix: str) -> str:
+        """The checkpoint key suffix peft uses for a parameter at ``suffix`` (override for renames)."""
+        return suffix
+
+    def _expected(self, model: nn.Module, name: str) -> dict[str, tuple[LayerSite, nn.Module, str]]:
+        handed = model.__dict__.get(_CACHE, {}).pop((self.name, "new sites"), None)
+        sites = handed[1] if handed is not None and handed[0] == name else self.sites(model, name)
+        expected = {}
+        for site in sites:
+            for suffix, owner, leaf in adapter_tensors(site.layer, name):
+                expected[f"{site.logical}.{self.file_key(suffix)}"] = (site, owner, leaf)
+        return expected
+
+    @hookimpl
+    def adapterkit_extract_state(self, model: nn.Module, method: str, name: str) -> dict[str, torch.Tensor]:
+        return {key: getattr(owner, leaf).detach() for key, (_, owner, leaf) in self._expected(model, name).items()}
+
+    @hookimpl
+    def adapterkit_load_state(
+        self, model: nn.Module, method: str, name: str, state_dict: dict[str, torch.Tensor]
+    ) -> None:
+        expected = self._expected(model, name)
+        state_dict = without_saved_base_weights(expected, state_dict, method, name)
+        check_state_dict(expected, state_dict, method, name)
+        layers, params = {}, []
+        for key, (site, owner, leaf) in expected.items():
+            param = nn.Parameter(state_dict[key], requires_grad=False)
+            if isinstance(owner, nn.ParameterDict):
+                owner[leaf] = param
+            else:
+                setattr(owner, leaf, param)
+            layers[id(site.layer)] = site.layer
+            params.append(param)
+        moved = False
+        for layer in layers.values():
+            # A base layer offloaded by accelerate has its weight on the meta device; moving the
+            # adapter there would drop the file's tensors. Keep them on the CPU, in the layer's
+            # dtype, for the dispatch plugin to offload with the layer.
+            moved |= place(layer, name, device=torch.device("cpu") if offloaded(layer) else None)
+        self._renewed(model, name, None if moved else params)
+
+    def _renewed(self, model: nn.Module, name: str, params: list[nn.Parameter] | None = None) -> None:
+        """Adapter ``name`` has new parameter objects (``params``, when known): set_active must set their requires_grad."""
+        cache = model.__dict__.setdefault(_CACHE, {})
+        cache.setdefault((self.name, "fresh"), set()).add(name)
+        known = cache.setdefault((self.name, "params"), {})
+        if params is None:
+            known.pop(name, None)
+        else:
+            known[name] = params
+
+    # -- merging and deleting ---------------------------------------------------------
+    @hookimpl
+    def adapterkit_merge(self, model: nn.Module, method: str, names: Sequence[str]) -> None:
+        offloaded_layers = [site.logical for n in names for site in self.sites(model, n) if offloaded(site.layer)]
+        if offloaded_layers:
+            raise UnsupportedOperationError(
+                "cannot merge into layers offloaded by accelerate (weights on the meta device): "
+                f"{sorted(set(offloaded_layers))[:5]}; merge before dispatching, or dispatch the model to one device first"
+            )
+        for layer in self.layers(model):
+            present = [n for n in names if has_adapter(layer, n)]
+            if present:
+                layer.merge(adapter_names=present)
+
+    @hookimpl
+    def adapterkit_unmerge(self, model: nn.Module, method: str, names: Sequence[str]) -> None:
+        # The core unmerges all of a method's merged adapters at once, which is what layer.unmerge() does.
+        for layer in self.layers(model):
+            if layer.merged:
+                layer.unmerge()
+
+    @hookimpl
+    def adapterkit_delete(self, model: nn.Module, method: str, name: str) -> None:
+        for site in self.sites(model, name):
+            with warnings.catch_warnings():
+                # peft picks a new active adapter and says so; the core re-applies its own active set.
+                warnings.filterwarnings("ignore", message="Adapter .* was active which is now deleted")
+                site.layer.delete_adapter(name)
+            if is_empty(site.layer):
+                # Unwrap: put back the module this layer replaced.
+                setattr(site.parent, site.attr, site.layer.base_layer)
+        self.forget(model)
+
