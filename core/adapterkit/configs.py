@@ -67,7 +67,7 @@ def parse_config_string(spec: str) -> tuple[str, dict[str, Any]]:
             call = ast.parse(f"_({body}\n)", mode="eval").body
     except (SyntaxError, ValueError) as exc:
         raise ConfigSyntaxError(
-            f"cannot parse the options of config string {spec!r}: {getattr(exc, 'msg', exc)}. "
+            f"cannot parse the options of config string {_short(spec)}: {_short(getattr(exc, 'msg', exc), 200)}. "
             "Write key=value pairs separated by commas, values as Python literals (quote strings)."
         ) from None
     except (MemoryError, RecursionError):
@@ -216,9 +216,13 @@ def _wants_float(tp: Any) -> bool:
     return tp is float
 
 
-def _short(value: Any) -> str:
-    text = repr(value)
-    return text if len(text) <= 80 else f"{text[:60]}... ({len(text)} characters)"
+def _short(value: Any, limit: int = 80) -> str:
+    """``repr(value)``, cut short (a 5000-digit number makes a message nobody reads)."""
+    try:
+        text = value if isinstance(value, str) and limit > 80 else repr(value)
+    except ValueError:  # an int past sys.get_int_max_str_digits() digits
+        return f"<an int of {value.bit_length()} bits>"
+    return text if len(text) <= limit else f"{text[: limit - 20]}... ({len(text)} characters)"
 
 
 def _type_name(tp: Any) -> str:

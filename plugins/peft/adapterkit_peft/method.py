@@ -28,7 +28,7 @@ from .layers import (
     place,
 )
 from .state import check_state_dict, without_saved_base_weights
-from .validation import peft_errors, validate_peft_config, warn_unmatched_patterns
+from .validation import check_memory, peft_errors, validate_peft_config, warn_unmatched_patterns
 
 __all__ = ["PeftMethod", "TAG"]
 
@@ -129,6 +129,8 @@ class PeftMethod:
     def adapterkit_inject(self, model: nn.Module, method: str, name: str, config: Any, empty: bool) -> None:
         if empty and self.direct_load and self._inject_direct(model, method, name, config):
             return
+        if not empty:
+            check_memory(method, name, config, model)  # a load's weights are empty: only an add allocates them
         # peft's tuner retouches layers and the requires_grad of every method's adapters
         cache = model.__dict__.get(_CACHE, {})
         for key in [k for k in cache if isinstance(k, tuple)]:
