@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import os
 import threading
 from collections.abc import Iterator, Mapping, Sequence
 from os import PathLike
@@ -84,6 +85,8 @@ def check_name(name: Any) -> str:
         problem = "has leading or trailing whitespace"
     elif any(ord(ch) < 32 or ord(ch) == 127 for ch in name):
         problem = "contains a control character such as NUL or a newline (names become folder names)"
+    elif not _encodable(name):
+        problem = "cannot be encoded as a file name (a lone surrogate?) (names become folder names)"
     elif len(name.encode("utf-8", "surrogatepass")) > MAX_NAME_BYTES:
         problem = f"is longer than {MAX_NAME_BYTES} bytes (names become folder names)"
     elif name in _TAKEN:
@@ -91,6 +94,14 @@ def check_name(name: Any) -> str:
     if problem:
         raise AdapterNameError(f"adapter name {name!r:.80} {problem}; use e.g. 'default' or 'task_a'")
     return name
+
+
+def _encodable(name: str) -> bool:
+    try:
+        os.fsencode(name)
+    except UnicodeError:
+        return False
+    return True
 
 
 class Adapters:
