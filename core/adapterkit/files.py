@@ -17,6 +17,7 @@ import math
 import os
 import re
 import shutil
+import stat
 import struct
 import sys
 import uuid
@@ -412,6 +413,8 @@ def write_adapter(directory: Path, *, config: dict[str, Any], tensors: Mapping[s
         try:
             save_file(_unshared(tensors), tmp / WEIGHTS_NAME, metadata=metadata)
             (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True), encoding="utf-8")
+            # safetensors creates its file 0600 whatever the umask; give it the mode the umask gave the config.
+            os.chmod(tmp / WEIGHTS_NAME, stat.S_IMODE((tmp / CONFIG_NAME).stat().st_mode))
             for path in (tmp / WEIGHTS_NAME, tmp / CONFIG_NAME):
                 with open(path, "rb") as f:
                     os.fsync(f.fileno())

@@ -311,15 +311,15 @@ class Adapters:
             if config is None:
                 config = files.read_config(found.config)
         method, config = resolve_config(config, self.registry, method_name=claimed)
-        tensors = files.strip_prefix(state_dict)
         if not allow_nonfinite:
-            bad = files.nonfinite(tensors)
+            bad = files.nonfinite(state_dict)
             if bad:
                 raise CheckpointError(
                     f"adapter {name!r}: {len(bad)} weight tensor(s) hold NaN or infinite values ({', '.join(bad[:3])}"
                     f"{', ...' if len(bad) > 3 else ''}), which would make the model's outputs NaN; "
                     "pass allow_nonfinite=True to load them anyway"
                 )
+        tensors = files.strip_prefix(state_dict)
         self._attach(name, method, config, state_dict=tensors, trainable=is_trainable)
         if device_map is not None:
             try:
