@@ -422,8 +422,14 @@ class Adapters:
         items = self._names_list(names, "set_active") if names != [] else []
         if self._merged:
             raise AdapterStateError(f"cannot change the active adapters while {self._merged} are merged; unmerge() first")
-        self._active = items
-        self._apply_active()
+        previous, self._active = self._active, items
+        try:
+            self._apply_active()
+        except BaseException:
+            self._active = previous  # a plugin failed: put every method back on the previous set
+            with contextlib.suppress(Exception):
+                self._apply_active()
+            raise
 
     @serialised
     def disable(self) -> None:
