@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import os
 import threading
 from collections.abc import Iterator, Mapping, Sequence
 from os import PathLike
@@ -85,8 +84,8 @@ def check_name(name: Any) -> str:
         problem = "has leading or trailing whitespace"
     elif any(ord(ch) < 32 or ord(ch) == 127 for ch in name):
         problem = "contains a control character such as NUL or a newline (names become folder names)"
-    elif not _encodable(name):
-        problem = "cannot be encoded as a file name (a lone surrogate?) (names become folder names)"
+    elif not _utf8(name):
+        problem = "is not valid UTF-8 text (it holds a lone surrogate); names become folder names"
     elif len(name.encode("utf-8", "surrogatepass")) > MAX_NAME_BYTES:
         problem = f"is longer than {MAX_NAME_BYTES} bytes (names become folder names)"
     elif name in _TAKEN:
@@ -96,9 +95,10 @@ def check_name(name: Any) -> str:
     return name
 
 
-def _encodable(name: str) -> bool:
+def _utf8(name: str) -> bool:
+    """Whether ``name`` is UTF-8 text (no lone surrogates): folder names are, safetensors' paths must be."""
     try:
-        os.fsencode(name)
+        name.encode("utf-8")
     except UnicodeError:
         return False
     return True

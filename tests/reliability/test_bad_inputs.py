@@ -1319,7 +1319,7 @@ HOSTILE = [
         "name-lone-surrogate",
         add(GOOD, "a\ud800"),
         AdapterNameError,
-        r"'a\\ud800' cannot be encoded as a file name",
+        r"'a\\ud800' is not valid UTF-8 text",
         r"folder names",
     ),
 ]

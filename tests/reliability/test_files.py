@@ -15,6 +15,8 @@
   (0755/0644 under 022, as peft). These run in one subprocess, which sets its
   own umask and limits (and, run as root, first gives up the capabilities that
   let root ignore file permissions).
+* Every adapter name the core accepts is a folder name: any text hypothesis
+  finds either is refused with ``AdapterNameError`` or saves and loads back.
 """
 
 from __future__ import annotations
@@ -28,6 +30,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
 from shared_test_helpers import make_mlp, mlp_input, run
 
@@ -294,3 +298,26 @@ def test_a_writable_folder_under_a_read_only_parent_can_be_saved_into(saves: dic
 def test_saved_folders_and_files_follow_the_umask(saves: dict) -> None:
     assert saves["modes under umask 022"] == ["0o755", "0o644", "0o644"]  # what peft's save_pretrained gives
     assert saves["modes under umask 077"] == ["0o700", "0o600", "0o600"]
+
+
+# -- adapter names are folder names -------------------------------------------------------------------------
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+@given(name=st.text(min_size=1, max_size=70) | st.sampled_from(["é" * 64, "x" * 128, "-rf", "con", "a\udcff", "ø💡"]))
+def test_every_name_the_core_accepts_saves_and_loads_as_a_folder(tmp_path_factory: pytest.TempPathFactory, name: str) -> None:
+    """check_name refuses what cannot be a folder name; whatever it accepts round-trips through save and load."""
+    try:
+        adapterkit.model.check_name(name)
+    except adapterkit.AdapterNameError:
+        return
+    root = tmp_path_factory.mktemp("names")
+    model, x = make_mlp(), mlp_input()
+    torch.manual_seed(1)
+    adapters = adapterkit.attach(model)
+    adapters.add(SPEC, name)
+    adapters.save(root, name)
+    folder = root if name == "default" else root / name
+    assert (folder / WEIGHTS).is_file() and [p.name for p in root.iterdir() if p.name.startswith(".")] == []
+    other = make_mlp()
+    adapterkit.attach(other).load(folder, name)
+    assert adapterkit.attach(other).names == [name]
+    assert torch.equal(run(other, x), run(model, x))
