@@ -11,6 +11,7 @@ gets its own checkpoints back.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import errno
 import json
 import math
@@ -30,6 +31,11 @@ import attrs
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
+
+try:
+    import numpy
+except ImportError:  # torch runs without numpy; the NaN check then sums with torch
+    numpy = None
 
 from .errors import (
     AdapterkitError,
@@ -225,6 +231,7 @@ def read_config(path: Path | None) -> dict[str, Any]:
     return data
 
 
+_NUMPY_FLOATS = (torch.float16, torch.float32, torch.float64)
 # safetensors dtype names -> torch dtypes (those this torch has).
 _DTYPES = {
     name: getattr(torch, attr)
@@ -291,7 +298,7 @@ def _read_owned(raw: Any, checked: Any) -> dict[str, torch.Tensor]:
         tensor = torch.empty(shape, dtype=dtype)
         if nbytes:
             raw.seek(start + begin)
-            if raw.readinto(memoryview(tensor.view(-1).view(torch.uint8).numpy())) != nbytes:
+            if raw.readinto((ctypes.c_char * nbytes).from_address(tensor.data_ptr())) != nbytes:
                 raise ValueError(f"tensor {key!r} ends past the end of the file")
         tensors[key] = tensor
     return tensors
@@ -300,21 +307,29 @@ def _read_owned(raw: Any, checked: Any) -> dict[str, torch.Tensor]:
 def nonfinite(tensors: Mapping[str, torch.Tensor]) -> list[str]:
     """The keys of floating-point tensors holding NaN or an infinity.
 
-    A sum (no extra memory) answers for most tensors: finite sum, finite values. Only a
-    tensor whose sum is not finite (a NaN or infinity, or an overflow) is checked element-wise.
+    A sum answers for most tensors (finite sum, finite values); only a tensor whose sum is
+    not finite (a NaN or an infinity, or an overflow) is checked element by element. CPU
+    tensors are summed by numpy where it can: in buffered pieces, on this thread, without
+    starting torch's thread pool (whose memory would show in the load's peak).
     """
     found = []
     for key, tensor in tensors.items():
         if not (tensor.is_floating_point() or tensor.is_complex()) or tensor.is_meta or tensor.numel() == 0:
             continue
-        try:
-            if not tensor.is_complex() and torch.isfinite(tensor.sum(dtype=torch.float64)):
-                continue
-        except (RuntimeError, TypeError):  # a dtype without a float64 sum (float8 on some devices)
-            pass
+        if not tensor.is_complex() and _finite_sum(tensor):
+            continue
         if not bool(torch.isfinite(tensor).all()):
             found.append(key)
     return found
+
+
+def _finite_sum(tensor: torch.Tensor) -> bool:
+    try:
+        if numpy is not None and tensor.device.type == "cpu" and tensor.dtype in _NUMPY_FLOATS:
+            return bool(numpy.isfinite(numpy.add.reduce(tensor.reshape(-1).numpy(), dtype=numpy.float64)))
+        return bool(torch.isfinite(tensor.sum(dtype=torch.float64)))
+    except (RuntimeError, TypeError):  # a dtype without a float64 sum (float8 on some devices)
+        return False
 
 
 def strip_prefix(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
