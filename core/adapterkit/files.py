@@ -326,7 +326,9 @@ def nonfinite(tensors: Mapping[str, torch.Tensor]) -> list[str]:
 def _finite_sum(tensor: torch.Tensor) -> bool:
     try:
         if numpy is not None and tensor.device.type == "cpu" and tensor.dtype in _NUMPY_FLOATS:
-            return bool(numpy.isfinite(numpy.add.reduce(tensor.reshape(-1).numpy(), dtype=numpy.float64)))
+            values = tensor.reshape(-1).numpy()
+            # float32 accumulation (half-precision values would overflow their own type's sum)
+            return bool(numpy.isfinite(numpy.add.reduce(values, dtype=numpy.float32 if values.itemsize < 4 else None)))
         return bool(torch.isfinite(tensor.sum(dtype=torch.float64)))
     except (RuntimeError, TypeError):  # a dtype without a float64 sum (float8 on some devices)
         return False

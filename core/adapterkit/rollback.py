@@ -38,7 +38,7 @@ class Snapshot:
 
     def __init__(self, model: nn.Module, adapters: Iterable[str] = ()) -> None:
         names = frozenset(adapters)
-        self.modules: list[tuple[nn.Module, dict[str, Any], list[tuple[Any, Any]]]] = []
+        self.modules: list[tuple[nn.Module, dict[str, Any], dict[str, Any]]] = []
         self.requires_grad: list[tuple[nn.Parameter, bool]] = []
         seen: set[int] = set()
         stack = [model]
@@ -48,22 +48,25 @@ class Snapshot:
                 continue
             seen.add(id(module))
             attributes = module.__dict__.copy()
-            tables = [(table, table.copy()) for key in _TABLES if (table := attributes.get(key)) is not None]
-            self.modules.append((module, attributes, tables))
+            # Only the tables that hold something (most hook tables are empty): a load takes this snapshot.
+            filled = {key: table.copy() for key in _TABLES if (table := attributes.get(key))}
+            self.modules.append((module, attributes, filled))
             self.requires_grad.extend((p, p.requires_grad) for p in module._parameters.values() if p is not None)
             stack.extend(child for child in module._modules.values() if child is not None)
 
     def restore(self) -> None:
-        for module, attributes, tables in self.modules:
+        for module, attributes, filled in self.modules:
             current = module.__dict__
             for key in [key for key in current if key not in attributes]:
                 del current[key]  # an attribute set during the failed operation
             for key, value in attributes.items():
                 if current.get(key, _MISSING) is not value:
                     current[key] = value
-            for table, contents in tables:
-                table.clear()
-                table.update(contents)
+            for key in _TABLES:
+                table = current.get(key)
+                if table is not None:
+                    table.clear()
+                    table.update(filled.get(key, ()))
         for param, flag in self.requires_grad:
             param.requires_grad_(flag)
 
