@@ -17,6 +17,7 @@ from .errors import (
     AdapterkitError,
     AdapterNameError,
     AdapterStateError,
+    ArgumentValueError,
     CheckpointError,
     CheckpointExistsError,
     CheckpointNotFoundError,
@@ -37,6 +38,7 @@ from .errors import (
     UnsupportedOperationError,
 )
 from .hookspecs import hookimpl, hookspec
+from .layers import AdaptedLayer, Wrapper
 from .mixin import AdapterMixin
 from .model import BASE, DEFAULT_NAME, Adapters, attach
 from .registry import Method, MethodRegistry, available_methods, default_registry, make_plugin_manager
@@ -47,12 +49,14 @@ except PackageNotFoundError:  # pragma: no cover - running from a source tree
     __version__ = "0+unknown"
 
 __all__ = [
+    "AdaptedLayer",
     "AdapterExistsError",
     "AdapterMixin",
     "AdapterNameError",
     "AdapterStateError",
     "Adapters",
     "AdapterkitError",
+    "ArgumentValueError",
     "BASE",
     "CheckpointError",
     "CheckpointExistsError",
@@ -75,6 +79,7 @@ __all__ = [
     "UnknownMethodError",
     "UnsafeCheckpointError",
     "UnsupportedOperationError",
+    "Wrapper",
     "__version__",
     "attach",
     "available_methods",

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from . import __version__, files, hookspecs
+from .configs import checkpoint_method
 from .errors import AdapterkitError, CheckpointError, CheckpointNotFoundError, UnknownMethodError, UnsafeCheckpointError
 from .registry import KNOWN_DISTRIBUTIONS, Method, MethodRegistry, default_registry
 
@@ -345,9 +346,12 @@ def inspect_adapter(source: str, *, revision: str | None = None, subfolder: str 
     metadata: dict[str, str] = {}
     if found.weights is not None:
         tensors, metadata = _tensor_header(found.weights.path)
-    claimed = metadata.get(files.METHOD_KEY)
-    peft_type = data.get("peft_type")
     registry = default_registry()
+    keys = [t["name"].removeprefix(files.PEFT_PREFIX) for t in tensors]
+    claimed = checkpoint_method(
+        registry, data, metadata, keys, recorded_key=files.METHOD_KEY, where=repr(f"{source}/{subfolder}" if subfolder else source)
+    )
+    peft_type = data.get("peft_type")
     method: Method | None = None
     problem = None
     for name in (claimed, peft_type):

@@ -23,12 +23,13 @@ import re
 import types
 import typing
 import warnings
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import attrs
 
 from .errors import (
+    CheckpointError,
     ConfigError,
     ConfigSyntaxError,
     ConfigValueError,
@@ -290,6 +291,33 @@ def resolve_config(
     if registry.implements(method, "adapterkit_validate_config"):
         registry.call(method, "adapterkit_validate_config", config=config)
     return method, config
+
+
+def checkpoint_method(
+    registry: MethodRegistry,
+    config: Mapping[str, Any],
+    metadata: Mapping[str, str],
+    keys: Sequence[str],
+    *,
+    recorded_key: str,
+    where: str,
+) -> str | None:
+    """The method a saved adapter belongs to, before ``peft_type``: the one its files record, else a plugin's claim.
+
+    ``None`` means no file record and no claim: the saved config's ``peft_type`` decides.
+    Two plugins claiming the same files is a :class:`CheckpointError` naming both.
+    """
+    recorded = metadata.get(recorded_key)
+    if recorded:
+        return recorded
+    claimed = registry.claims(config, metadata, keys)
+    if len(claimed) > 1:
+        names = ", ".join(f"{m.name!r} (plugin {m.plugin_name!r})" for m in claimed)
+        raise CheckpointError(
+            f"{where} is claimed by several installed methods: {names}. Choose one with "
+            f"load(..., method={claimed[0].name!r}) or pass config=, or block a plugin with ADAPTERKIT_BLOCK_PLUGINS"
+        )
+    return claimed[0].name if claimed else None
 
 
 def parse_config(spec: Any) -> Any:

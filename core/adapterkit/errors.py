@@ -31,6 +31,7 @@ __all__ = [
     "AdapterStateError",
     "PerSampleError",
     "UnsupportedOperationError",
+    "ArgumentValueError",
 ]
 
 
@@ -134,3 +135,7 @@ class UnsupportedOperationError(AdapterkitError, NotImplementedError):
 
 class PerSampleError(AdapterkitError, ValueError):
     """A per-sample forward got a batch whose size differs from the number of row names."""
+
+
+class ArgumentValueError(AdapterkitError, ValueError):
+    """An argument of an adapterkit call (not a config key) has a wrong type or an out-of-range value."""

@@ -245,8 +245,8 @@ _DTYPES = {
 }  # fmt: skip
 
 
-def read_weights(weights: Weights | None) -> tuple[dict[str, torch.Tensor], str | None]:
-    """Read the tensors of a weights file and the method recorded in it (``None`` if none).
+def read_weights(weights: Weights | None) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Read the tensors of a weights file and its metadata (``METHOD_KEY`` names the method that wrote it).
 
     The tensors own their memory: nothing done to the file afterwards (overwritten,
     truncated, deleted) reaches them. safetensors checks the file; the bytes are then read
@@ -256,7 +256,7 @@ def read_weights(weights: Weights | None) -> tuple[dict[str, torch.Tensor], str 
     assert weights is not None
     if weights.pickle:
         try:
-            return torch.load(weights.path, map_location="cpu", weights_only=True), None
+            return torch.load(weights.path, map_location="cpu", weights_only=True), {}
         except Exception as exc:
             raise CheckpointError(f"cannot read {str(weights.path)!r}: {exc}") from None
     try:
@@ -267,7 +267,7 @@ def read_weights(weights: Weights | None) -> tuple[dict[str, torch.Tensor], str 
         raise CheckpointError(
             f"{str(weights.path)!r} is not a readable safetensors file ({exc}); it may be truncated or corrupt"
         ) from None
-    return tensors, metadata.get(METHOD_KEY)
+    return tensors, dict(metadata)
 
 
 def _read_owned(raw: Any, checked: Any) -> dict[str, torch.Tensor]:

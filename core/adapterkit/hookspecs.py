@@ -100,7 +100,9 @@ def adapterkit_validate_config(method: str, config: Any) -> None:
 
 
 @hookspec(firstresult=True)
-def adapterkit_inject(model: nn.Module, method: str, name: str, config: Any, empty: bool) -> None:
+def adapterkit_inject(
+    model: nn.Module, method: str, name: str, config: Any, empty: bool, autocast_adapter_dtype: bool
+) -> None:
     """Create adapter ``name`` in ``model``: wrap or extend the targeted layers.
 
     Required. The new adapter need not be made active; the core calls
@@ -116,6 +118,11 @@ def adapterkit_inject(model: nn.Module, method: str, name: str, config: Any, emp
     :param empty: ``True`` when weights are about to be loaded: create them on the
         meta device without initialising them; :func:`adapterkit_load_state`
         assigns real tensors.
+    :param autocast_adapter_dtype: ``True`` (the default of ``add`` and ``load``): adapter
+        weights on a half-precision (float16/bfloat16) layer are made float32, also
+        after a load, as peft's ``autocast_adapter_dtype`` does, so small updates are not
+        rounded away in training; ``False``: they take the layer's dtype. Methods that
+        keep no floating weights ignore it.
     """
 
 
@@ -276,4 +283,78 @@ def adapterkit_dispatch(
     :param offload_folder: folder for weights offloaded to disk.
     :param offload_index: an existing offload index to reuse.
     :returns: ``True`` once the model is placed.
+    """
+
+
+# -- composition: stacks of wrappers and checkpoints (issue 12) -------------------------------------------
+@hookspec(firstresult=True)
+def adapterkit_layer_adapters(model: nn.Module, method: str, layer: nn.Module) -> Sequence[str]:
+    """Name the adapters that wrapper ``layer`` of this method holds.
+
+    Optional. The core reads the stacks of wrappers on each adapted layer (see
+    :mod:`adapterkit.layers`) to merge innermost first and to refuse a merge that
+    would not be exact; this hook tells it which adapters sit at which depth.
+    Without it, every wrapper of the method counts as holding all of the
+    method's adapters, which is exact but refuses merges it need not.
+
+    :param model: the model.
+    :param method: the registered method name.
+    :param layer: a wrapper module owned by this method (``adapterkit.layers.owner(layer) == method``).
+    :returns: the names of the adapters it holds.
+    """
+
+
+@hookspec
+def adapterkit_claim_checkpoint(
+    config: dict[str, Any], metadata: dict[str, str], keys: Sequence[str]
+) -> str | None:
+    """Claim a saved adapter for one of this plugin's methods, before the core falls back to ``peft_type``.
+
+    Optional, called on every plugin when ``load()`` reads a checkpoint that does
+    not record the method that wrote it (files adapterkit saved record it in
+    their metadata, and that wins). Return the name of one of the plugin's
+    methods when the files are that method's (e.g. a LoRA variant recognising
+    the keys its config class adds, or its tensor names), else ``None``. Two
+    plugins claiming the same files is an error naming both; the caller then
+    picks with ``load(..., method=...)`` or ``config=``.
+
+    :param config: the saved ``adapter_config.json``, as read.
+    :param metadata: the safetensors header's metadata (empty for pickles).
+    :param keys: the tensor names in the weights file, with peft's ``base_model.model.`` prefix removed.
+    :returns: a method name this plugin registered, or ``None``.
+    """
+
+
+# -- issue 11: per-step training work --------------------------------------------------------------------------
+@hookspec(firstresult=True)
+def adapterkit_training_step(model: nn.Module, method: str, names: Sequence[str], global_step: int) -> None:
+    """Do this method's work for one finished optimizer step (AdaLoRA: rank allocation).
+
+    Optional: a method without per-step work leaves it out, and
+    :meth:`Adapters.training_step` skips it. Called once per optimizer step, after
+    ``optimizer.step()`` and before ``optimizer.zero_grad()``, so gradients are still
+    there; adapterkit's Trainer integration (:mod:`adapterkit.trainer`) calls it
+    for every method, so no training script names a method.
+
+    :param model: the model.
+    :param method: the registered method name.
+    :param names: this method's adapters being trained (trainable, active, adapters
+        enabled), in order; never empty.
+    :param global_step: the optimizer step that just finished, counting from 0.
+    """
+
+
+@hookspec(firstresult=True)
+def adapterkit_regularization(model: nn.Module, method: str, names: Sequence[str]) -> torch.Tensor | None:
+    """Return this method's term to add to the training loss (AdaLoRA: orthogonal regularisation).
+
+    Optional: without it the method adds nothing. :meth:`Adapters.regularization`
+    sums the terms of every method; adapterkit's Trainer integration adds that sum
+    to the model's loss in every training forward.
+
+    :param model: the model.
+    :param method: the registered method name.
+    :param names: this method's adapters being trained (trainable, active, adapters
+        enabled), in order; never empty.
+    :returns: a scalar tensor that carries gradients to the adapters, or ``None`` for no term.
     """

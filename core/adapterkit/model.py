@@ -12,7 +12,8 @@ from __future__ import annotations
 import contextlib
 import copy
 import threading
-from collections.abc import Iterator, Mapping, Sequence
+import weakref
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from os import PathLike
 from pathlib import Path
 from typing import Any
@@ -21,9 +22,11 @@ import attrs
 import torch
 from torch import nn
 
-from . import files
+from . import files, training
 from .concurrency import OpenBlocks, serialised
-from .configs import config_to_dict, resolve_config
+from .configs import checkpoint_method, config_to_dict, resolve_config
+from .layers import AdaptedLayer, adapted_layers
+from .merging import merge_order, runs
 from .errors import (
     AdapterExistsError,
     AdapterNameError,
@@ -38,7 +41,7 @@ from .errors import (
 from .registry import Method, MethodRegistry, default_registry
 from .rollback import Snapshot
 
-__all__ = ["Adapters", "attach", "BASE", "DEFAULT_NAME"]
+__all__ = ["Adapters", "attach", "attached", "BASE", "DEFAULT_NAME"]
 
 BASE = "__base__"
 """The per-sample row name meaning "no adapter"."""
@@ -54,6 +57,69 @@ class _Adapter:
     method: Method
     config: Any
     trainable: bool
+
+
+class _Record:
+    """What a model carries for its adapters (on the model, as a plain attribute): the bookkeeping, and no
+    reference back to the model, so a model with adapters is freed by reference counting alone.
+
+    :class:`Adapters` is the handle over it; the record remembers the live handle weakly, so :func:`attach`
+    returns the same one while anyone holds it.
+    """
+
+    def __init__(self, registry: MethodRegistry) -> None:
+        self.registry = registry
+        self.adapters: dict[str, _Adapter] = {}
+        self.active: list[str] = []
+        self.merged: list[str] = []
+        self.enabled = True
+        self.method_list: list[Method] | None = None  # the methods in use (see Adapters._methods)
+        self.handle: Callable[[], Adapters | None] = _no_handle
+        # One lock per model, whatever handle is used (see adapterkit.concurrency).
+        self.lock = threading.RLock()
+        self.blocks = OpenBlocks()  # per_sample blocks open on the model, in any thread
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state.pop("registry")  # plugin managers do not pickle; the default one is rebuilt on load
+        state.pop("handle")
+        state.pop("lock")
+        state.pop("blocks")
+        state["method_list"] = None  # a cache
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self.registry = default_registry()
+        self.handle = _no_handle
+        self.lock = threading.RLock()
+        self.blocks = OpenBlocks()
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> _Record:
+        new = _Record.__new__(_Record)
+        memo[id(self)] = new
+        with self.lock:
+            for key, value in self.__dict__.items():
+                if key == "handle":
+                    new.handle = _no_handle
+                elif key == "method_list":
+                    new.method_list = None
+                elif key == "lock":
+                    new.lock = threading.RLock()
+                elif key == "blocks":
+                    new.blocks = OpenBlocks()
+                else:
+                    new.__dict__[key] = value if key == "registry" else copy.deepcopy(value, memo)
+        return new
+
+
+def _no_handle() -> None:
+    return None
+
+
+def _in_record(field: str) -> Any:
+    """An :class:`Adapters` attribute that lives in the model's record."""
+    return property(lambda self: getattr(self._record, field), lambda self, value: setattr(self._record, field, value))
 
 
 MAX_NAME_BYTES = 128
@@ -119,19 +185,28 @@ class Adapters:
       forwards never wait for them.
     """
 
-    def __init__(self, model: nn.Module, registry: MethodRegistry | None = None) -> None:
+    def __init__(self, model: nn.Module, registry: MethodRegistry | None = None, *, _record: _Record | None = None) -> None:
+        # The handle holds the model; the model holds only the record (no reference back), so dropping the
+        # last reference to a model with adapters frees it without a garbage-collector pass.
         self.model = model
-        self.registry = registry or default_registry()
-        self.lock = threading.RLock()
-        """Every operation runs holding this re-entrant lock; hold it yourself to make several one step."""
-        self._blocks = OpenBlocks()  # per_sample blocks open on this model, in any thread
-        self._adapters: dict[str, _Adapter] = {}
-        self._active: list[str] = []
-        self._merged: list[str] = []
-        self._enabled = True
-        self._method_list: list[Method] | None = None  # the methods in use (see _methods)
+        self._record = _record if _record is not None else _Record(registry or default_registry())
+        self._record.handle = weakref.ref(self)
+
+    registry = _in_record("registry")
+    _adapters = _in_record("adapters")
+    _active = _in_record("active")
+    _merged = _in_record("merged")
+    _enabled = _in_record("enabled")
+    _method_list = _in_record("method_list")
+    _blocks = _in_record("blocks")
+
+    @property
+    def lock(self) -> threading.RLock:
+        """The model's re-entrant lock: every operation holds it; hold it yourself to make several one step."""
+        return self._record.lock
 
     # -- state ---------------------------------------------------------------
+
     @property
     def names(self) -> list[str]:
         """All attached adapters, in the order they were added."""
@@ -155,6 +230,10 @@ class Adapters:
     def method(self, name: str) -> Method:
         """The method of adapter ``name``."""
         return self._get(name).method
+
+    def trainable(self, name: str) -> bool:
+        """Whether adapter ``name`` was added, or loaded with ``is_trainable=True`` (it trains while active and enabled)."""
+        return self._get(name).trainable
 
     def config(self, name: str) -> Any:
         """The config of adapter ``name`` (the object in use; copy it before changing it)."""
@@ -225,17 +304,20 @@ class Adapters:
 
     # -- adding --------------------------------------------------------------
     @serialised
-    def add(self, config: Any, name: str = DEFAULT_NAME) -> str:
+    def add(self, config: Any, name: str = DEFAULT_NAME, *, autocast_adapter_dtype: bool = True) -> str:
         """Add a new, freshly initialised, trainable adapter and make it the only active one.
 
         :param config: a config string (``"lora[r=8]"``), a dict with a ``method``
             key, a saved ``adapter_config.json`` dict, or a method's config object.
         :param name: the adapter's name; must not be in use.
+        :param autocast_adapter_dtype: on a float16/bfloat16 model, create the adapter's
+            weights in float32 (the default, as peft does: half-precision weights lose most
+            small updates); ``False`` keeps the dtype of the layers they adapt.
         :returns: the name.
         """
         self._check_new_name(name)
         method, config = resolve_config(config, self.registry)
-        self._attach(name, method, config, state_dict=None, trainable=True)
+        self._attach(name, method, config, state_dict=None, trainable=True, autocast_adapter_dtype=autocast_adapter_dtype)
         return name
 
     @serialised
@@ -252,12 +334,14 @@ class Adapters:
         is_trainable: bool = False,
         config: Any = None,
         state_dict: Mapping[str, torch.Tensor] | None = None,
+        method: str | None = None,
         allow_pickle: bool = False,
         allow_nonfinite: bool = False,
         device_map: str | dict[str, Any] | None = None,
         max_memory: dict[Any, Any] | None = None,
         offload_folder: str | PathLike[str] | None = None,
         offload_index: dict[str, Any] | None = None,
+        autocast_adapter_dtype: bool = True,
     ) -> str:
         """Load a saved adapter (peft format) from a local folder or a Hub repo and make it the only active one.
 
@@ -273,6 +357,10 @@ class Adapters:
         :param local_files_only: use only the Hub cache, never the network.
         :param is_trainable: load the adapter trainable (default: frozen, for inference).
         :param config: use this config instead of the saved ``adapter_config.json``.
+        :param method: the method whose adapter this is, when the files do not say it unambiguously (a saved
+            config's ``peft_type`` names a method that several installed plugins build on, e.g. a LoRA
+            variant). By default: the method recorded in the files by adapterkit, else the one a plugin
+            claims (``adapterkit_claim_checkpoint``), else ``peft_type``.
         :param state_dict: use these tensors instead of the saved weights file;
             keys with or without peft's ``base_model.model.`` prefix.
         :param allow_pickle: allow reading ``adapter_model.bin`` (pickle) when no
@@ -282,6 +370,9 @@ class Adapters:
         :param device_map: after loading, re-dispatch the model with this device
             map (needs the dispatch plugin, see :meth:`dispatch`); ``max_memory``,
             ``offload_folder`` and ``offload_index`` go with it.
+        :param autocast_adapter_dtype: on a float16/bfloat16 model, keep the adapter's
+            weights in float32 (the default, as peft's ``from_pretrained`` does, for
+            inference loads too); ``False`` casts them to the dtype of the layers they adapt.
         :returns: the name.
         """
         placement = {"max_memory": max_memory, "offload_folder": offload_folder, "offload_index": offload_index}
@@ -291,7 +382,7 @@ class Adapters:
             self._dispatcher()  # fail before loading when no dispatch plugin is installed
         name = DEFAULT_NAME if name is None else name
         self._check_new_name(name)
-        claimed = None
+        metadata: dict[str, str] = {}
         if config is None or state_dict is None:
             if source is None:
                 raise CheckpointError("load() needs a source unless both config= and state_dict= are given")
@@ -307,10 +398,9 @@ class Adapters:
                 need_weights=state_dict is None,
             )
             if state_dict is None:
-                state_dict, claimed = files.read_weights(found.weights)
+                state_dict, metadata = files.read_weights(found.weights)
             if config is None:
                 config = files.read_config(found.config)
-        method, config = resolve_config(config, self.registry, method_name=claimed)
         if not allow_nonfinite:
             bad = files.nonfinite(state_dict)
             if bad:
@@ -320,7 +410,29 @@ class Adapters:
                     "pass allow_nonfinite=True to load them anyway"
                 )
         tensors = files.strip_prefix(state_dict)
-        self._attach(name, method, config, state_dict=tensors, trainable=is_trainable)
+        if method is None and isinstance(config, Mapping) and "method" not in config:
+            method = checkpoint_method(
+                self.registry,
+                config,
+                metadata,
+                list(tensors),
+                recorded_key=files.METHOD_KEY,
+                where=repr(str(source)) if source is not None else "the given config and state_dict",
+            )
+        method_found, config = resolve_config(config, self.registry, method_name=method)
+        if method is not None and method_found is not self.registry.get(method):
+            raise ConfigValueError(
+                f"load(method={method!r}) contradicts the config, which is a {method_found.name!r} config; "
+                "pass one of them"
+            )
+        self._attach(
+            name,
+            method_found,
+            config,
+            state_dict=tensors,
+            trainable=is_trainable,
+            autocast_adapter_dtype=autocast_adapter_dtype,
+        )
         if device_map is not None:
             try:
                 self.dispatch(device_map, **placement)
@@ -357,7 +469,7 @@ class Adapters:
         hook = self._dispatcher()
         with self.registry.faults(hook.get_hookimpls()[-1].plugin_name, "adapterkit_dispatch"):
             hook(
-                    model=self.model,
+                model=self.model,
                 device_map=device_map,
                 max_memory=max_memory,
                 offload_folder=None if offload_folder is None else str(offload_folder),
@@ -380,6 +492,7 @@ class Adapters:
         *,
         state_dict: dict[str, torch.Tensor] | None,
         trainable: bool,
+        autocast_adapter_dtype: bool = True,
     ) -> None:
         if self._merged:
             raise AdapterStateError(f"cannot attach {name!r} while {self._merged} are merged; unmerge() first")
@@ -390,7 +503,15 @@ class Adapters:
             for param in self.model.parameters():
                 param.requires_grad_(False)
         try:
-            self._call(method, "adapterkit_inject", name=name, config=config, empty=state_dict is not None)
+            self._call(
+                method,
+                "adapterkit_inject",
+                name=name,
+                config=config,
+                empty=state_dict is not None,
+                autocast_adapter_dtype=autocast_adapter_dtype,
+            )
+            snapshot.claim_new_wrappers(method.name)
             if state_dict is not None:
                 self._call(method, "adapterkit_load_state", name=name, state_dict=state_dict)
             self._adapters[name] = _Adapter(name, method, config, trainable)
@@ -422,11 +543,14 @@ class Adapters:
         items = self._names_list(names, "set_active") if names != [] else []
         if self._merged:
             raise AdapterStateError(f"cannot change the active adapters while {self._merged} are merged; unmerge() first")
-        previous, self._active = self._active, items
+        previous = self._active
+        self._active = items
         try:
             self._apply_active()
         except BaseException:
-            self._active = previous  # a plugin failed: put every method back on the previous set
+            # A plugin refused the new set (e.g. two active adapters with their own copy of one head):
+            # the old set is the state, on every method's layers too.
+            self._active = previous
             with contextlib.suppress(Exception):
                 self._apply_active()
             raise
@@ -515,22 +639,29 @@ class Adapters:
             if taken:
                 raise CheckpointExistsError(f"{taken} already hold an adapter; pass overwrite=True to replace them")
         for name in items:
-            adapter = self._adapters[name]
-            data = config_to_dict(adapter.config, self.registry)
-            data["inference_mode"] = True
-            if data.get("base_model_name_or_path") is None and "base_model_name_or_path" in data:
-                data["base_model_name_or_path"] = getattr(self.model, "name_or_path", None) or None
-            files.write_adapter(
-                files.adapter_folder(directory, name),
-                config=data,
-                tensors=self.state_dict(name),
-                method=adapter.method,
-            )
+            self._write(name, files.adapter_folder(directory, name))
+
+    def _write(self, name: str, folder: PathLike[str] | str) -> None:
+        """Write adapter ``name``'s files into ``folder`` (crash-safe, replacing what is there)."""
+        adapter = self._adapters[name]
+        data = config_to_dict(adapter.config, self.registry)
+        data["inference_mode"] = True
+        if data.get("base_model_name_or_path") is None and "base_model_name_or_path" in data:
+            data["base_model_name_or_path"] = getattr(self.model, "name_or_path", None) or None
+        files.write_adapter(Path(folder), config=data, tensors=self.state_dict(name), method=adapter.method)
 
     # -- merging and deleting ------------------------------------------------
     @serialised
     def merge(self, names: str | Sequence[str] | None = None) -> None:
-        """Fold adapters (default: the active ones) into the base weights."""
+        """Fold adapters (default: the active ones) into the base weights, innermost first.
+
+        Where several methods wrap the same layer, each adapter folds in after the
+        ones it wraps, whatever the order of ``names`` or of the active list, so the
+        outputs stay what they were. A merge that cannot be exact (an active
+        adapter left unmerged below a merged one, or one whose method cannot merge)
+        raises before anything changes: :class:`UnsupportedOperationError` or
+        :class:`AdapterStateError`, naming the layer and the fix.
+        """
         self._require_adapters("merge")
         items = self._names_list(self._active if names is None else names, "merge")
         if not self._enabled:
@@ -541,9 +672,25 @@ class Adapters:
         if not items:
             raise AdapterStateError("nothing to merge: no adapter is active; name the adapters to merge")
         self._blocks.refuse("merge")
+        unable = [n for n in items if not self.registry.implements(self._adapters[n].method, "adapterkit_merge")]
+        if unable:
+            method = self._adapters[unable[0]].method
+            raise UnsupportedOperationError(
+                f"adapters {unable} cannot be merged: method {method.name!r} (plugin {method.plugin_name!r}) "
+                "does not support 'merge'"
+            )
+        order = merge_order(
+            self.layers(),
+            items,
+            active=self._active,
+            merged=self._merged,
+            adapters_of_method=lambda method: [a.name for a in self._adapters.values() if a.method.name == method],
+            can_merge=lambda method: self.registry.implements(self.registry.get(method), "adapterkit_merge"),
+        )
         done: list[tuple[Method, list[str]]] = []
         try:
-            for method, group in self._by_method(items).items():
+            for group in runs(order, self.method):
+                method = self._adapters[group[0]].method
                 self._call(method, "adapterkit_merge", names=group)
                 done.append((method, group))
                 self._merged.extend(group)
@@ -556,13 +703,30 @@ class Adapters:
 
     @serialised
     def unmerge(self) -> None:
-        """Take every merged adapter back out of the base weights."""
+        """Take every merged adapter back out of the base weights, the last merged first."""
         self._require_adapters("unmerge")
         if not self._merged:
             raise AdapterStateError("nothing to unmerge: no adapter is merged (adapters.merged is empty); merge() first")
-        for method, group in reversed(list(self._by_method(self._merged).items())):
-            self._call(method, "adapterkit_unmerge", names=group)
-            self._merged = [n for n in self._merged if n not in group]
+        for group in reversed(runs(self._merged, self.method)):
+            self._call(self._adapters[group[0]].method, "adapterkit_unmerge", names=group)
+            self._merged = self._merged[: -len(group)]
+
+    @serialised
+    def layers(self) -> list[AdaptedLayer]:
+        """The model's adapted layers, each with its stack of wrappers (innermost first) and the adapters they hold.
+
+        See :mod:`adapterkit.layers`. A wrapper's ``adapters`` is ``None`` when its plugin
+        does not implement ``adapterkit_layer_adapters``.
+        """
+        by_name = {method.name: method for method in self._methods()}
+
+        def adapters_of(wrapper: nn.Module, method_name: str) -> Sequence[str] | None:
+            method = by_name.get(method_name)
+            if method is None or not self.registry.implements(method, "adapterkit_layer_adapters"):
+                return None
+            return self._call(method, "adapterkit_layer_adapters", layer=wrapper)
+
+        return adapted_layers(self.model, adapters_of)
 
     @serialised
     def delete(self, name: str) -> None:
@@ -576,6 +740,27 @@ class Adapters:
         self._method_list = None
         self._active = [n for n in self._active if n != name]
         self._apply_active()
+
+    # -- training --------------------------------------------------------------
+    @serialised
+    def training_step(self, global_step: int) -> None:
+        """Run every method's per-step work for the adapters being trained (AdaLoRA: rank allocation).
+
+        Call it once per optimizer step, after ``optimizer.step()`` and before
+        ``optimizer.zero_grad()`` (methods may read the gradients), with the step
+        counting from 0. Methods without per-step work are skipped, so a training
+        loop calls it whatever the methods are. See :mod:`adapterkit.training`.
+        """
+        training.training_step(self, global_step)
+
+    @serialised
+    def regularization(self) -> torch.Tensor:
+        """The sum of every method's loss term for the adapters being trained (AdaLoRA: orthogonal regularisation).
+
+        Add it to the loss: ``loss = model(**batch).loss + adapters.regularization()``.
+        A scalar zero when no method adds a term.
+        """
+        return training.regularization(self)
 
     # -- mixed batches -------------------------------------------------------
     @contextlib.contextmanager
@@ -639,45 +824,35 @@ class Adapters:
             return stack.pop_all(), token
 
     # -- copying ---------------------------------------------------------------
-    _UNSHARED = ("registry", "lock", "_blocks", "_method_list")  # rebuilt, never copied or pickled
-
-    def __getstate__(self) -> dict[str, Any]:
-        return {key: value for key, value in self.__dict__.items() if key not in self._UNSHARED}
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__dict__.update(state)
-        self.registry = default_registry()
-        self.lock = threading.RLock()
-        self._blocks = OpenBlocks()
-        self._method_list = None
-
     def __deepcopy__(self, memo: dict[int, Any]) -> Adapters:
-        new = Adapters.__new__(Adapters)
-        memo[id(self)] = new
-        with self.lock:
-            for key, value in self.__dict__.items():
-                if key not in self._UNSHARED:
-                    new.__dict__[key] = copy.deepcopy(value, memo)
-        new.registry = self.registry
-        new.lock = threading.RLock()
-        new._blocks = OpenBlocks()
-        new._method_list = None
-        return new
+        """A copy of the model with its adapters, and that copy's handle."""
+        return attach(copy.deepcopy(self.model, memo))
+
+    def __reduce__(self) -> Any:
+        return attach, (self.model,)
 
 
 def attach(model: nn.Module, registry: MethodRegistry | None = None) -> Adapters:
-    """Return the :class:`Adapters` of ``model``, creating it on first use; the same object every time."""
+    """Return the :class:`Adapters` of ``model``, creating it on first use; the same object while it is held."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"attach() takes a torch.nn.Module, got {type(model).__name__}")
     if isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
         model = model.module  # the adapters belong to the wrapped model, not to the wrapper
-    handle = model.__dict__.get(_HANDLE_ATTR)
-    if handle is None:
-        # Plain attribute, not a submodule: the handle must not appear in model.state_dict().
-        # setdefault: two threads attaching at once get the same handle (and the same lock).
-        handle = model.__dict__.setdefault(_HANDLE_ATTR, Adapters(model, registry))
-        if registry is not None and registry is not handle.registry:
-            raise AdapterStateError("this model is already attached with another registry")
-    elif registry is not None and registry is not handle.registry:
+    record = model.__dict__.get(_HANDLE_ATTR)
+    if record is None:
+        handle = Adapters(model, registry)
+        # Plain attribute, not a submodule: the record must not appear in model.state_dict().
+        # setdefault: two threads attaching at once share one record (and its lock).
+        record = model.__dict__.setdefault(_HANDLE_ATTR, handle._record)
+        if record is handle._record:
+            return handle
+    if registry is not None and registry is not record.registry:
         raise AdapterStateError("this model is already attached with another registry")
-    return handle
+    handle = record.handle()
+    return handle if handle is not None else Adapters(model, _record=record)
+
+
+def attached(model: nn.Module) -> Adapters | None:
+    """The :class:`Adapters` of ``model`` if it carries at least one adapter, else ``None`` (nothing is created)."""
+    record = model.__dict__.get(_HANDLE_ATTR)
+    return attach(model) if record is not None and record.adapters else None

@@ -22,7 +22,7 @@ import difflib
 import functools
 import os
 import threading
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from importlib import metadata
 from typing import Any
 
@@ -209,6 +209,26 @@ class MethodRegistry:
     def implements(self, method: Method, hook: str) -> bool:
         """Whether the plugin owning ``method`` implements ``hook``."""
         return bool(self._caller(method, hook).get_hookimpls())
+
+    def claims(self, config: Mapping[str, Any], metadata: Mapping[str, str], keys: Sequence[str]) -> list[Method]:
+        """The methods whose plugins claim a saved adapter (``adapterkit_claim_checkpoint``), in plugin order."""
+        found: list[Method] = []
+        hook = self.plugin_manager.hook.adapterkit_claim_checkpoint
+        for impl in hook.get_hookimpls():  # in registration order
+            with self.faults(impl.plugin_name, "adapterkit_claim_checkpoint"):
+                name = impl.function(config=dict(config), metadata=dict(metadata), keys=list(keys))
+            if name is None:
+                continue
+            method = self._methods.get(name) if isinstance(name, str) else None
+            if method is None or method.plugin_name != impl.plugin_name:
+                raise PluginError(
+                    f"plugin {impl.plugin_name!r} claimed a checkpoint for {name!r}, which is not one of its methods "
+                    f"({', '.join(m.name for m in self._methods.values() if m.plugin_name == impl.plugin_name) or 'none'}); "
+                    "adapterkit_claim_checkpoint returns one of the plugin's own method names or None"
+                )
+            if method not in found:
+                found.append(method)
+        return found
 
     # -- routing ----------------------------------------------------------
     def _caller(self, method: Method, hook: str) -> Any:

@@ -13,6 +13,8 @@ from typing import Any
 
 from torch import nn
 
+from .layers import claim, owner
+
 __all__ = ["Snapshot"]
 
 _MISSING = object()
@@ -53,6 +55,23 @@ class Snapshot:
             self.modules.append((module, attributes, filled))
             self.requires_grad.extend((p, p.requires_grad) for p in module._parameters.values() if p is not None)
             stack.extend(child for child in module._modules.values() if child is not None)
+
+    def claim_new_wrappers(self, method: str) -> None:
+        """Record ``method`` as the owner of every wrapper an injection put in place of a recorded child.
+
+        A wrapper keeps what it replaced as ``base_layer``; the chain from the new child down to the
+        old one is the injection's (unless already claimed: another method's wrapper below, or the
+        plugin's own :func:`~adapterkit.layers.claim`). A replacement that does not keep the old child
+        as ``base_layer`` is recorded too, as an opaque wrapper.
+        """
+        for module, _, filled in self.modules:
+            children = filled.get("_modules", {})
+            for attr, child in module._modules.items():
+                old = children.get(attr, child)
+                node = child
+                while node is not None and node is not old and owner(node) is None:
+                    claim(node, method)
+                    node = node._modules.get("base_layer")
 
     def restore(self) -> None:
         for module, attributes, filled in self.modules:

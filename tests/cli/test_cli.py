@@ -141,10 +141,16 @@ def test_methods_names_the_hooks_a_plugin_leaves_out(capsys, monkeypatch):
         "adapterkit_validate_config",
         "adapterkit_merge",
         "adapterkit_unmerge",
+        "adapterkit_layer_adapters",
+        "adapterkit_training_step",
+        "adapterkit_regularization",
     ]
     code, out, _ = cli_run(capsys, "methods")
     assert code == 0
-    assert "not implemented: config_from_dict, config_to_dict, validate_config, merge, unmerge" in out
+    assert (
+        "not implemented: config_from_dict, config_to_dict, validate_config, merge, unmerge, layer_adapters, "
+        "training_step, regularization"
+    ) in out
 
 
 def test_console_script_methods_honours_the_plugin_allowlist():
@@ -351,4 +357,6 @@ def test_demo_smoke(capsys, tmp_path):
     assert code == 0
     info = json.loads(out)
     assert info["method"] == "lora" and info["base_model"] == "sentence-transformers/all-MiniLM-L6-v2"
-    assert len(info["modules"]) == 12 and info["parameters"] == 12 * 2 * 8 * 384
+    # 12 adapted projections (A: 8x384, B: 384x8) and the adapter's own copy of the 4-way classifier (task_type SEQ_CLS)
+    assert len(info["modules"]) == 13 and "classifier" in info["modules"]
+    assert info["parameters"] == 12 * 2 * 8 * 384 + 4 * 384 + 4

@@ -91,6 +91,23 @@ HOOK_TESTS: dict[str, list[str]] = {
         "tests/lora/test_lora_peft.py::test_per_sample_rows_match_peft_mixed_batch",
         f"{BOTTLENECK}::test_per_sample_rows",
     ],
+    "adapterkit_layer_adapters": [
+        "tests/multi/test_composition.py::test_two_methods_on_the_same_layers_act_in_the_order_they_were_added",
+        "tests/multi/test_composition.py::test_a_merge_that_leaves_an_active_adapter_unmerged_inside_is_refused",
+        "examples/bottleneck/tests/test_bottleneck_composition.py::test_merging_lora_over_an_active_bottleneck_is_refused",
+    ],
+    "adapterkit_claim_checkpoint": [
+        "tests/multi/test_variant_plugin.py::test_a_folder_written_by_the_variants_own_peft_flow_loads_as_the_variant",
+        "tests/multi/test_variant_plugin.py::test_two_plugins_claiming_the_same_files_is_an_error_naming_both",
+    ],
+    "adapterkit_training_step": [
+        "tests/training/test_per_step.py::test_adalora_under_trainer_matches_a_hand_written_peft_loop_step_for_step",
+        "tests/training/test_per_step.py::test_training_step_and_regularization_skip_methods_without_per_step_work",
+    ],
+    "adapterkit_regularization": [
+        "tests/training/test_per_step.py::test_regularization_is_the_adalora_term_and_only_for_adapters_being_trained",
+        "tests/training/test_per_step.py::test_adalora_under_trainer_matches_a_hand_written_peft_loop_step_for_step",
+    ],
     "adapterkit_dispatch": [
         "plugins/dispatch/tests/test_dispatch.py::test_cpu_and_disk_offload_gives_the_undispatched_outputs",
         "plugins/dispatch/tests/test_dispatch.py::test_the_plugin_is_found_through_its_entry_point",

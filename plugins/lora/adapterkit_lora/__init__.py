@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from adapterkit import ConfigValueError, UnsupportedOperationError, hookimpl
 from adapterkit.routing import check_rows, replaced_forwards, this_thread_only
-from adapterkit_peft import PeftMethod
+from adapterkit_peft import PeftMethod, routed_heads
 from peft import LoraConfig
 from peft.tuners.lora import Linear as LoraLinear
 from peft.tuners.lora import LoraModel
@@ -64,7 +64,7 @@ class LoraMethod(PeftMethod):
             layer.register_forward_pre_hook(hook, with_kwargs=True) for layer in layers if id(layer) not in chosen
         ]
         try:
-            with replaced_forwards(grouped, lambda layer: _GroupedForward(layer, rows, groups)):
+            with replaced_forwards(grouped, lambda layer: _GroupedForward(layer, rows, groups)), routed_heads(model, rows):
                 yield
         finally:
             for handle in handles:

@@ -11,16 +11,20 @@ This distribution depends on peft; the core (``adapterkit``) never imports it.
 from __future__ import annotations
 
 from .creation import empty_weights, layer_passes_skipped
-from .layers import LayerSite, adapter_tensors, logical_modules, place
-from .method import TAG, PeftMethod
+from .heads import HEAD_PRESETS, routed_heads
+from .layers import LayerSite, adapter_tensors, adapters_held, place
+from .method import PeftMethod
+from .stacking import stack_aware
 
 __all__ = [
+    "HEAD_PRESETS",
     "LayerSite",
     "PeftMethod",
-    "TAG",
     "adapter_tensors",
+    "adapters_held",
     "empty_weights",
     "layer_passes_skipped",
-    "logical_modules",
     "place",
+    "routed_heads",
+    "stack_aware",
 ]

@@ -15,14 +15,24 @@ from ._peft import BufferDict, base_device_and_dtype
 __all__ = [
     "LayerSite",
     "adapter_tensors",
+    "adapters_held",
     "container",
     "follow_training_mode",
     "has_adapter",
     "is_empty",
-    "logical_modules",
     "offloaded",
     "place",
+    "upcast",
 ]
+
+# peft's autocast_adapter_dtype: adapters of these dtypes become float32 (training in half precision loses updates).
+_UPCAST = frozenset(
+    dtype
+    for dtype in (torch.float16, torch.bfloat16, *(getattr(torch, n, None) for n in (
+        "float8_e4m3fn", "float8_e4m3fnuz", "float8_e5m2", "float8_e5m2fnuz", "float8_e8m0fnu"
+    )))  # fmt: skip
+    if dtype is not None
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -30,8 +40,8 @@ class LayerSite:
     """An adapter layer, where it sits (``getattr(parent, attr) is layer``), and its logical path.
 
     The logical path is the module path with the ``base_layer`` hops of wrappers
-    removed: the same whatever other adapters wrap the layer, and the path peft
-    uses for the layer's keys when it is alone.
+    removed (see :mod:`adapterkit.layers`): the same whatever other adapters wrap
+    the layer, and the path peft uses for the layer's keys when it is alone.
     """
 
     logical: str
@@ -80,29 +90,9 @@ def offloaded(layer: BaseTunerLayer) -> bool:
     return isinstance(weight, torch.Tensor) and weight.is_meta
 
 
-def logical_modules(model: nn.Module, *, into_layers: bool) -> Iterator[tuple[str, nn.Module, str, nn.Module]]:
-    """``(logical path, parent, attr, module)`` for the modules of ``model``, parents before children.
-
-    What an adapter layer holds for its adapters is never entered, so the walk costs the
-    same with 1 or 100 adapters loaded. With ``into_layers``, a layer's base layer is
-    (under the layer's own path: the logical path drops ``base_layer`` hops); without, the
-    walk stops at adapter layers, as peft's injection does.
-    """
-    stack: list[tuple[str, nn.Module]] = [("", model)]
-    while stack:
-        path, module = stack.pop()
-        if isinstance(module, BaseTunerLayer):
-            base = module._modules.get("base_layer")
-            children = [(path, "base_layer", base)] if into_layers and base is not None else []
-        else:
-            children = [
-                (f"{path}.{attr}" if path else attr, attr, child)
-                for attr, child in module._modules.items()
-                if child is not None
-            ]
-        for child_path, attr, child in children:
-            yield child_path, module, attr, child
-        stack.extend((child_path, child) for child_path, _, child in reversed(children))
+def adapters_held(layer: BaseTunerLayer) -> list[str]:
+    """The adapters ``layer`` holds, in the order it added them."""
+    return list(dict.fromkeys(n for attr in layer.adapter_layer_names for n in container(layer, attr) or ()))
 
 
 def place(layer: BaseTunerLayer, name: str, device: torch.device | None = None) -> bool:
@@ -162,3 +152,28 @@ def follow_training_mode(sites: Sequence[LayerSite], name: str) -> None:
                 if item is not None:
                     for module in item.modules():
                         module.__dict__["training"] = mode
+
+
+def upcast(layer: BaseTunerLayer, name: str) -> bool:
+    """Make adapter ``name``'s half-precision (and float8) tensors in ``layer`` float32, as peft's ``autocast_adapter_dtype``.
+
+    peft's ``cast_adapter_dtype`` for one layer and one adapter (peft's walks the whole model).
+    New parameter objects keep their ``requires_grad``. Returns whether anything changed.
+    """
+    changed = False
+    for attr in (*layer.adapter_layer_names, *layer.other_param_names):
+        found = container(layer, attr)
+        if not isinstance(found, (nn.ModuleDict, nn.ParameterDict, BufferDict)) or name not in found:
+            continue
+        item = found[name]
+        if isinstance(item, torch.Tensor):
+            if item.dtype in _UPCAST:
+                found[name] = item.to(torch.float32)
+                changed = True
+            continue
+        for owner in item.modules():
+            for leaf, param in list(owner._parameters.items()):
+                if param is not None and param.dtype in _UPCAST:
+                    setattr(owner, leaf, nn.Parameter(param.data.to(torch.float32), requires_grad=param.requires_grad))
+                    changed = True
+    return changed

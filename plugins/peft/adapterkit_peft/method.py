@@ -11,6 +11,7 @@ from typing import Any
 
 import torch
 from adapterkit import UnsupportedOperationError, hookimpl
+from adapterkit.layers import claim, owner, positions, walk
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
@@ -19,20 +20,33 @@ from .creation import empty_weights, layer_passes_skipped
 from .layers import (
     LayerSite,
     adapter_tensors,
+    adapters_held,
     container,
     follow_training_mode,
     has_adapter,
     is_empty,
-    logical_modules,
     offloaded,
     place,
+    upcast,
 )
+from .heads import (
+    CACHE_KEY as HEADS_KEY,
+    add_heads,
+    delete_heads,
+    enable_heads,
+    head_state,
+    load_head_state,
+    prepare_heads,
+    set_active_heads,
+    warn_untied,
+)
+from .quantized import keep_quantized_weights, restore_quantized_weights
+from .stacking import stack_aware
 from .state import check_state_dict, without_saved_base_weights
 from .validation import check_memory, peft_errors, validate_peft_config, warn_unmatched_patterns
 
-__all__ = ["PeftMethod", "TAG"]
+__all__ = ["PeftMethod"]
 
-TAG = "_adapterkit_method"
 # Model attribute: {method: [layers], (method, "trainable"): set of names, (method, "fresh"): names whose
 # requires_grad set_active has not applied yet, (method, "params"): {name: [parameters]}}.
 _CACHE = "_adapterkit_peft_layers"
@@ -73,13 +87,24 @@ class PeftMethod:
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.name!r})"
 
+    @property
+    def _tuner_class(self) -> type:
+        """The tuner, made to wrap other methods' layers instead of extending them (see :mod:`adapterkit_peft.stacking`)."""
+        return stack_aware(self.tuner_type, self.name)
+
     # -- layer bookkeeping ----------------------------------------------------
     def sites(self, model: nn.Module, name: str | None = None) -> list[LayerSite]:
-        """This method's layers in ``model`` (holding adapter ``name`` if given), with logical paths."""
+        """This method's layers in ``model`` (holding adapter ``name`` if given), with logical paths.
+
+        The layers are the wrappers the core records as this method's (:func:`adapterkit.layers.owner`),
+        at any depth of their stacks.
+        """
         found = [
             LayerSite(path, parent, attr, module)
-            for path, parent, attr, module in logical_modules(model, into_layers=True)
-            if module.__dict__.get(TAG) == self.name and (name is None or has_adapter(module, name))
+            for path, parent, attr, module in walk(model)
+            if owner(module) == self.name
+            and isinstance(module, BaseTunerLayer)
+            and (name is None or has_adapter(module, name))
         ]
         found.sort(key=lambda site: site.logical)
         return found
@@ -126,8 +151,29 @@ class PeftMethod:
 
     # -- injection ----------------------------------------------------------------
     @hookimpl
-    def adapterkit_inject(self, model: nn.Module, method: str, name: str, config: Any, empty: bool) -> None:
+    def adapterkit_inject(
+        self, model: nn.Module, method: str, name: str, config: Any, empty: bool, autocast_adapter_dtype: bool = True
+    ) -> None:
+        prepare_heads(config)
+        heads = getattr(config, "modules_to_save", None)
+        if heads:
+            config.modules_to_save = None  # adapterkit wraps the heads itself (heads.py), for both ways of injecting
+        try:
+            self._inject(model, method, name, config, empty, autocast_adapter_dtype)
+        finally:
+            if heads:
+                config.modules_to_save = heads
+        cache = model.__dict__.setdefault(_CACHE, {})
+        cache.pop(HEADS_KEY, None)
+        if heads:
+            sites = add_heads(model, self.name, name, config)
+            warn_untied(model, method, name, config, sites)
+
+    def _inject(
+        self, model: nn.Module, method: str, name: str, config: Any, empty: bool, autocast_adapter_dtype: bool
+    ) -> None:
         if empty and self.direct_load and self._inject_direct(model, method, name, config):
+            self._upcast_on_load(model, name, autocast_adapter_dtype)
             return
         if not empty:
             check_memory(method, name, config, model)  # a load's weights are empty: only an add allocates them
@@ -142,17 +188,28 @@ class PeftMethod:
             # The tuner wraps the targets in place; we keep the layers, not the tuner. For a load, its
             # weights are empty (peft's own low_cpu_mem_usage would patch torch for the whole process).
             with peft_errors(method, name), empty_weights() if empty else contextlib.nullcontext():
-                self.tuner_type(model, config, adapter_name=name, low_cpu_mem_usage=False)
+                self._tuner_class(model, config, adapter_name=name, low_cpu_mem_usage=False)
         finally:
             # peft leaves model.peft_config behind; adapterkit keeps configs itself.
             model.__dict__.pop("peft_config", None)
             if previous is not _UNSET:
                 model.__dict__["peft_config"] = previous
         for module in model.modules():
-            if isinstance(module, BaseTunerLayer) and not hasattr(module, TAG) and has_adapter(module, name):
-                setattr(module, TAG, self.name)
+            # The tuner's new layers: claimed now, so that sites() finds them before the core records them.
+            if isinstance(module, BaseTunerLayer) and owner(module) is None and has_adapter(module, name):
+                claim(module, self.name)
         self.forget(model)
-        follow_training_mode(self.sites(model, name), name)
+        sites = self.sites(model, name)
+        follow_training_mode(sites, name)
+        if empty:
+            self._upcast_on_load(model, name, autocast_adapter_dtype)
+        elif autocast_adapter_dtype:
+            for site in sites:
+                upcast(site.layer, name)
+
+    def _upcast_on_load(self, model: nn.Module, name: str, flag: bool) -> None:
+        # The load that follows places the file's tensors in the layer's dtype, then upcasts them (as peft does).
+        model.__dict__.setdefault(_CACHE, {})[(self.name, "upcast", name)] = flag
 
     def _direct_load_fits(self, config: Any) -> bool:
         """Whether the config needs nothing of the tuner beyond its per-target code."""
@@ -177,18 +234,9 @@ class PeftMethod:
         """
         if not self._direct_load_fits(config):
             return False
-        tuner = bare_tuner(self.tuner_type, model, name, config)
-        replace = tuner._replace_module
-
-        def _replace_module(parent: nn.Module, attr: str, new: nn.Module, old: nn.Module) -> None:
-            # peft's version also moves the new layer's adapter to the base layer's device, scanning
-            # every submodule; the load places the adapter's weights itself (see place()).
-            if hasattr(new, "base_layer") and getattr(getattr(old, "base_layer", old), "state", None) is None:
-                setattr(parent, attr, new)
-            else:
-                replace(parent, attr, new, old)
-
-        tuner._replace_module = _replace_module
+        tuner = bare_tuner(self._tuner_class, model, name, config)
+        # The load places the adapter's weights itself (see place()): skip peft's device scan of each new layer.
+        tuner.__dict__["_adapterkit_direct"] = True
         with peft_errors(method, name):
             if hasattr(getattr(model, "config", None), "model_type"):
                 convert_config_for_transformers(config, model)
@@ -196,7 +244,7 @@ class PeftMethod:
             tuner._check_tied_modules(model, config)
             config = tuner._prepare_adapter_config(config, tuner.get_model_config(model))
             tuner._prepare_model(config, model)
-            walked = list(logical_modules(model, into_layers=False))
+            walked = list(positions(model))
             targets = [
                 site
                 for site in walked
@@ -206,18 +254,18 @@ class PeftMethod:
             if not targets or not self._direct_load_fits(config):
                 return False  # the tuner raises (or warns) in its own words
             cache = model.__dict__.setdefault(_CACHE, {})
-            if self.name not in cache and not any(isinstance(site[3], BaseTunerLayer) for site in walked):
+            if self.name not in cache and not any(owner(site[3]) is not None for site in walked):
                 cache[self.name] = []  # no adapter layer anywhere yet: nothing for layers() to walk for
             layers = self.layers(model)
             sites = []
-            existing = [target for _, _, _, target in targets if isinstance(target, BaseTunerLayer)]
+            existing = [target for _, _, _, target in targets if owner(target) == self.name]
             with empty_weights(), layer_passes_skipped(existing):
                 for key, parent, attr, target in targets:
                     tuner._check_target_module_compatiblity(config, model, attr)
                     tuner._create_and_replace(config, name, target, attr, parent, current_key=key)
                     layer = parent._modules[attr]
                     if layer is not target:
-                        setattr(layer, TAG, self.name)
+                        claim(layer, self.name)
                         layers.append(layer)
                     sites.append(LayerSite(key, parent, attr, layer))
         warn_unmatched_patterns(config, [site.logical for site in sites])
@@ -251,6 +299,7 @@ class PeftMethod:
             for param in self._parameters(model, name):
                 param.requires_grad = flag
         cache[(self.name, "trainable")] = wanted
+        set_active_heads(model, self.name, names, trainable, cache)
 
     def _parameters(self, model: nn.Module, name: str) -> list[nn.Parameter]:
         """The parameters of adapter ``name`` in this method's layers (cached until they are replaced)."""
@@ -266,12 +315,14 @@ class PeftMethod:
     def adapterkit_enable(self, model: nn.Module, method: str) -> None:
         for layer in self.layers(model):
             layer.enable_adapters(True)
+        enable_heads(model, self.name, True, model.__dict__.setdefault(_CACHE, {}))
         model.__dict__.get(_CACHE, {}).pop((self.name, "trainable"), None)  # peft changed requires_grad
 
     @hookimpl
     def adapterkit_disable(self, model: nn.Module, method: str) -> None:
         for layer in self.layers(model):
             layer.enable_adapters(False)
+        enable_heads(model, self.name, False, model.__dict__.setdefault(_CACHE, {}))
         model.__dict__.get(_CACHE, {}).pop((self.name, "trainable"), None)
 
     # -- state ------------------------------------------------------------------------
@@ -290,15 +341,21 @@ class PeftMethod:
 
     @hookimpl
     def adapterkit_extract_state(self, model: nn.Module, method: str, name: str) -> dict[str, torch.Tensor]:
-        return {key: getattr(owner, leaf).detach() for key, (_, owner, leaf) in self._expected(model, name).items()}
+        state = {key: getattr(owner, leaf).detach() for key, (_, owner, leaf) in self._expected(model, name).items()}
+        state.update(head_state(model, name))
+        return state
 
     @hookimpl
     def adapterkit_load_state(
         self, model: nn.Module, method: str, name: str, state_dict: dict[str, torch.Tensor]
     ) -> None:
         expected = self._expected(model, name)
+        heads = head_state(model, name)  # the head copies' keys are the modules' own (classifier.weight)
         state_dict = without_saved_base_weights(expected, state_dict, method, name)
-        check_state_dict(expected, state_dict, method, name)
+        check_state_dict({**expected, **{k: (None, v, "data") for k, v in heads.items()}}, state_dict, method, name)
+        if heads:
+            load_head_state(model, name, {k: state_dict[k] for k in heads})
+            state_dict = {k: v for k, v in state_dict.items() if k not in heads}
         layers, params = {}, []
         for key, (site, owner, leaf) in expected.items():
             param = nn.Parameter(state_dict[key], requires_grad=False)
@@ -314,6 +371,9 @@ class PeftMethod:
             # adapter there would drop the file's tensors. Keep them on the CPU, in the layer's
             # dtype, for the dispatch plugin to offload with the layer.
             moved |= place(layer, name, device=torch.device("cpu") if offloaded(layer) else None)
+        if model.__dict__.get(_CACHE, {}).pop((self.name, "upcast", name), True):
+            for layer in layers.values():
+                moved |= upcast(layer, name)
         self._renewed(model, name, None if moved else params)
 
     def _renewed(self, model: nn.Module, name: str, params: list[nn.Parameter] | None = None) -> None:
@@ -338,17 +398,34 @@ class PeftMethod:
         for layer in self.layers(model):
             present = [n for n in names if has_adapter(layer, n)]
             if present:
+                keep_quantized_weights(layer)  # unmerge puts them back: exact, where peft requantizes
                 layer.merge(adapter_names=present)
 
     @hookimpl
     def adapterkit_unmerge(self, model: nn.Module, method: str, names: Sequence[str]) -> None:
-        # The core unmerges all of a method's merged adapters at once, which is what layer.unmerge() does.
+        taken = set(names)
         for layer in self.layers(model):
-            if layer.merged:
+            merged = list(layer.merged_adapters)
+            if not taken.intersection(merged):
+                continue
+            # The core unmerges the last merged first: here a tail of what this layer merged.
+            keep = [n for n in merged if n not in taken]
+            if not keep and restore_quantized_weights(layer):
+                continue  # the quantized weights from before the merge are back, bit for bit
+            layer.merged_adapters = [n for n in merged if n in taken]
+            try:
                 layer.unmerge()
+            finally:
+                layer.merged_adapters = keep + layer.merged_adapters
+
+    @hookimpl
+    def adapterkit_layer_adapters(self, model: nn.Module, method: str, layer: nn.Module) -> list[str]:
+        return adapters_held(layer)
 
     @hookimpl
     def adapterkit_delete(self, model: nn.Module, method: str, name: str) -> None:
+        delete_heads(model, name)
+        model.__dict__.get(_CACHE, {}).pop(HEADS_KEY, None)
         for site in self.sites(model, name):
             with warnings.catch_warnings():
                 # peft picks a new active adapter and says so; the core re-applies its own active set.

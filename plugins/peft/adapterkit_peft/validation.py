@@ -41,12 +41,24 @@ def validate_peft_config(method: str, config: Any) -> None:
         raise ConfigValueError(
             f"{method} config key 'target_modules' is empty; name modules, e.g. target_modules=['q_proj', 'v_proj']"
         )
-    for key, default in (("modules_to_save", None), ("trainable_token_indices", None), ("layer_replication", None)):
-        value = getattr(config, key, default)
-        if value not in (default, [], ()):
-            raise ConfigValueError(
-                f"{method} config key {key!r}={value!r} is not supported by adapterkit yet; leave it unset"
-            )
+    tokens = getattr(config, "trainable_token_indices", None)
+    if tokens not in (None, [], (), {}):
+        raise ConfigValueError(
+            f"{method} config key 'trainable_token_indices'={tokens!r} is not supported by adapterkit yet (planned: "
+            "peft's TrainableTokensWrapper per adapter, as modules_to_save is now); meanwhile train the whole "
+            "embedding with modules_to_save=['embed_tokens'], or leave it unset"
+        )
+    replication = getattr(config, "layer_replication", None)
+    if replication not in (None, [], ()):
+        raise ConfigValueError(
+            f"{method} config key 'layer_replication'={replication!r} is not supported by adapterkit yet; leave it unset"
+        )
+    heads = getattr(config, "modules_to_save", None)
+    if heads is not None and (isinstance(heads, str) or not all(isinstance(h, str) and h for h in heads)):
+        raise ConfigValueError(
+            f"{method} config key 'modules_to_save' must be a list of module names, got {heads!r}; "
+            "e.g. modules_to_save=['classifier']"
+        )
     if getattr(config, "target_parameters", None):
         raise ConfigValueError(
             f"{method} config key 'target_parameters' is not supported by adapterkit yet; use target_modules"
