@@ -20,7 +20,8 @@
   active adapters, and two threads' blocks at once each get their own rows.
   Operations that would break an open block (merge, disable, delete of a routed
   adapter, add/load) are refused, from any thread.
-* A forward never takes the lock: it runs while another thread holds it.
+* A forward never takes the lock: it runs while another thread holds it, and
+  beside deletes of inactive adapters and saves it computes what it computed before.
 """
 
 from __future__ import annotations
@@ -370,6 +371,39 @@ def test_a_forward_runs_while_another_thread_holds_the_lock(saved: dict[str, Pat
     for thread in threads:
         thread.join(30)
     assert switched.is_set() and adapters.active == ["b"]
+
+
+def test_forwards_beside_deletes_of_inactive_adapters_and_saves_stay_right(saved: dict[str, Path], tmp_path: Path) -> None:
+    """What leaves the active adapters alone does not change what a concurrent forward computes."""
+    model, x = make_llama(), llama_input()
+    adapters = adapterkit.attach(model)
+    adapters.load(saved["a"], "a")
+    spare = [f"spare{i}" for i in range(12)]
+    for name in spare:  # inactive adapters on the active one's layers and on others
+        adapters.load(saved["b" if len(name) % 2 else "c"], name)
+    adapters.set_active("a")
+    expected = run(model, x)
+    done = threading.Event()
+    wrong, forwards = [0], [0]
+
+    def operations() -> None:
+        try:
+            for i, name in enumerate(spare):
+                adapters.save(tmp_path / f"round-{i}", ["a", name])
+                adapters.state_dict(name)
+                adapters.delete(name)
+        finally:
+            done.set()
+
+    def forwards_loop() -> None:
+        while not done.is_set() or forwards[0] < 10:
+            wrong[0] += not torch.equal(run(model, x), expected)
+            forwards[0] += 1
+
+    with fine_switching():
+        run_threads(operations, forwards_loop)
+    assert adapters.names == ["a"] and forwards[0] >= 10
+    assert wrong[0] == 0, f"{wrong[0]} of {forwards[0]} forwards were wrong"
 
 
 # -- per_sample is per thread ------------------------------------------------------------------------------
