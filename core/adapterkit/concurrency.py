@@ -22,7 +22,7 @@ from typing import Any, TypeVar
 
 from .errors import AdapterStateError
 
-__all__ = ["serialised", "OpenBlocks"]
+__all__ = ["OpenBlocks", "serialised"]
 
 F = TypeVar("F", bound=Callable[..., Any])
 

@@ -28,15 +28,14 @@ import sys
 import textwrap
 from pathlib import Path
 
+import adapterkit
 import pytest
 import torch
+from adapterkit import AdapterkitError, CheckpointError
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
 from shared_test_helpers import make_mlp, mlp_input, run
-
-import adapterkit
-from adapterkit import AdapterkitError, CheckpointError
 
 WEIGHTS = "adapter_model.safetensors"
 SPEC = "lora[r=4, target_modules=['embed', 'head'], init_lora_weights=False]"
@@ -150,7 +149,9 @@ def test_nonfinite_weights_load_only_when_allowed(tmp_path: Path, bad: float) ->
     model, x = make_mlp(), mlp_input()
     adapters = adapterkit.attach(model)
     expected = run(model, x)
-    with pytest.raises(CheckpointError, match=rf"1 weight tensor\(s\) hold NaN or infinite values \({key}\).*allow_nonfinite=True"):
+    with pytest.raises(
+        CheckpointError, match=rf"1 weight tensor\(s\) hold NaN or infinite values \({key}\).*allow_nonfinite=True"
+    ):
         adapters.load(tmp_path)
     assert adapters.names == [] and torch.equal(run(model, x), expected)
     with pytest.raises(CheckpointError, match="allow_nonfinite=True"):  # a state dict is checked the same way
@@ -265,7 +266,12 @@ def saves() -> dict:
     [
         ("read-only folder", "EACCES", ["new", "new/adapter_config.json", "new/adapter_model.safetensors"], ["old"]),
         ("new folder in a read-only parent", "EACCES", [], None),
-        ("disk full over an old adapter", "EFBIG", ["new", "new/adapter_config.json", "new/adapter_model.safetensors"], ["old"]),
+        (
+            "disk full over an old adapter",
+            "EFBIG",
+            ["new", "new/adapter_config.json", "new/adapter_model.safetensors"],
+            ["old"],
+        ),
         ("disk full into a new folder", "EFBIG", [], None),
     ],
 )
@@ -287,7 +293,9 @@ def test_save_errors_are_adapterkit_errors_and_oserrors() -> None:
     assert issubclass(adapterkit.SaveError, AdapterkitError) and issubclass(adapterkit.SaveError, OSError)
 
 
-@pytest.mark.parametrize("scenario", ["writable empty folder under a read-only parent", "writable folder under a read-only parent"])
+@pytest.mark.parametrize(
+    "scenario", ["writable empty folder under a read-only parent", "writable folder under a read-only parent"]
+)
 def test_a_writable_folder_under_a_read_only_parent_can_be_saved_into(saves: dict, scenario: str) -> None:
     outcome = saves[scenario]
     assert outcome["error"] is None, outcome
@@ -301,9 +309,13 @@ def test_saved_folders_and_files_follow_the_umask(saves: dict) -> None:
 
 
 # -- adapter names are folder names -------------------------------------------------------------------------
-@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+@settings(
+    max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture]
+)
 @given(name=st.text(min_size=1, max_size=70) | st.sampled_from(["é" * 64, "x" * 128, "-rf", "con", "a\udcff", "ø💡"]))
-def test_every_name_the_core_accepts_saves_and_loads_as_a_folder(tmp_path_factory: pytest.TempPathFactory, name: str) -> None:
+def test_every_name_the_core_accepts_saves_and_loads_as_a_folder(
+    tmp_path_factory: pytest.TempPathFactory, name: str
+) -> None:
     """check_name refuses what cannot be a folder name; whatever it accepts round-trips through save and load."""
     try:
         adapterkit.model.check_name(name)

@@ -32,10 +32,9 @@ from shared_test_helpers import make_mlp, mlp_input, run
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: the toy plugin
-from toy_plugin import ScaleConfig, ScalePlugin  # noqa: E402
-
-import adapterkit  # noqa: E402
-from adapterkit import MethodRegistry, PluginError, TargetError, hookimpl, make_plugin_manager  # noqa: E402
+import adapterkit
+from adapterkit import MethodRegistry, PluginError, TargetError, hookimpl, make_plugin_manager
+from toy_plugin import ScaleConfig, ScalePlugin
 
 
 @attrs.define
@@ -97,7 +96,11 @@ class FaultyPlugin(ScalePlugin):
 
     @hookimpl
     def adapterkit_per_sample(self, model: nn.Module, method: str, rows: Any) -> Any:
-        return "not a context manager" if self.fault == "per_sample" else super().adapterkit_per_sample(model, method, rows)
+        return (
+            "not a context manager"
+            if self.fault == "per_sample"
+            else super().adapterkit_per_sample(model, method, rows)
+        )
 
     @hookimpl
     def adapterkit_config_to_dict(self, method: str, config: Any) -> Any:
@@ -128,7 +131,14 @@ class State:
         self.tree = str(model)
         self.modules = [(name, id(m), sorted(vars(m))) for name, m in model.named_modules()]
         self.hooks = [
-            (name, [(key, list(value)) for key, value in vars(m).items() if key.endswith("hooks") and isinstance(value, dict)])
+            (
+                name,
+                [
+                    (key, list(value))
+                    for key, value in vars(m).items()
+                    if key.endswith("hooks") and isinstance(value, dict)
+                ],
+            )
             for name, m in model.named_modules()
         ]
         self.params = [(n, p.detach().clone(), p.requires_grad) for n, p in model.named_parameters()]
@@ -167,7 +177,9 @@ def test_a_failed_load_state_is_named_and_rolled_back(setup, tmp_path: Path) -> 
     adapters.set_active("l")
     before = State(adapters)
     plugin.fault = "load_state"
-    with pytest.raises(PluginError, match=r"'faulty-plugin' failed in adapterkit_load_state for method 'faulty': ValueError"):
+    with pytest.raises(
+        PluginError, match=r"'faulty-plugin' failed in adapterkit_load_state for method 'faulty': ValueError"
+    ):
         adapters.load(tmp_path / "f", "f")
     before.assert_same(adapters)
 
@@ -205,12 +217,18 @@ def test_a_failed_set_active_keeps_the_previous_active_set(setup) -> None:
     [
         ("extract-none", lambda a, tmp: a.state_dict("f"), r"returned NoneType, not a dict of tensors"),
         ("extract-none", lambda a, tmp: a.save(tmp, "f"), r"returned NoneType, not a dict of tensors"),
-        ("extract-not-tensors", lambda a, tmp: a.state_dict("f"), r"returned non-tensor values or non-string keys \('head.scale': list\)"),
+        (
+            "extract-not-tensors",
+            lambda a, tmp: a.state_dict("f"),
+            r"returned non-tensor values or non-string keys \('head.scale': list\)",
+        ),
         ("per_sample", lambda a, tmp: a.per_sample(["f", "l"]).__enter__(), r"returned str, not a context manager"),
         ("config_to_dict", lambda a, tmp: a.save(tmp, "f"), r"returned list, not a dict"),
     ],
 )
-def test_a_result_of_the_wrong_type_is_a_plugin_error(setup, tmp_path: Path, fault: str, act: Any, problem: str) -> None:
+def test_a_result_of_the_wrong_type_is_a_plugin_error(
+    setup, tmp_path: Path, fault: str, act: Any, problem: str
+) -> None:
     plugin, adapters = setup
     adapters.add(SPEC, "f")
     adapters.set_active(["l", "f"])
@@ -218,7 +236,9 @@ def test_a_result_of_the_wrong_type_is_a_plugin_error(setup, tmp_path: Path, fau
     plugin.fault = fault
     hook = {"extract": "adapterkit_extract_state", "per_sample": "adapterkit_per_sample"}.get(fault.split("-")[0])
     hook = hook or f"adapterkit_{fault}"
-    with pytest.raises(PluginError, match=rf"plugin 'faulty-plugin' broke the contract: {hook} for method 'faulty' {problem}"):
+    with pytest.raises(
+        PluginError, match=rf"plugin 'faulty-plugin' broke the contract: {hook} for method 'faulty' {problem}"
+    ):
         act(adapters, tmp_path / "out")
     plugin.fault = None
     before.assert_same(adapters)

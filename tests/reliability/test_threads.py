@@ -37,15 +37,14 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import adapterkit
 import peft
 import pytest
 import torch
+from adapterkit import AdapterkitError, AdapterStateError
 from peft.tuners.tuners_utils import BaseTunerLayer
 from shared_test_helpers import llama_input, make_llama, make_mlp, mlp_input, run
 from torch import nn
-
-import adapterkit
-from adapterkit import AdapterkitError, AdapterStateError
 
 INSTALLED = set(adapterkit.available_methods())
 SPECS = {
@@ -85,7 +84,7 @@ def run_threads(*targets: Callable[[], None], timeout: float = 120) -> None:
     def guarded(target: Callable[[], None]) -> None:
         try:
             target()
-        except BaseException as exc:  # noqa: BLE001 - handed to the test thread
+        except BaseException as exc:
             errors.append(exc)
 
     threads = [threading.Thread(target=guarded, args=(t,), daemon=True) for t in targets]
@@ -108,7 +107,14 @@ def swappable_identities() -> dict[str, int]:
     ):
         for name in names:
             found[f"{owner.__name__}.{name}"] = id(getattr(owner, name))
-    for cls in (nn.Module, nn.Linear, nn.Embedding, BaseTunerLayer, peft.tuners.lora.LoraLayer, peft.tuners.lora.Linear):
+    for cls in (
+        nn.Module,
+        nn.Linear,
+        nn.Embedding,
+        BaseTunerLayer,
+        peft.tuners.lora.LoraLayer,
+        peft.tuners.lora.Linear,
+    ):
         for name, value in vars(cls).items():
             found[f"{cls.__qualname__}.{name}"] = id(value)
     return found
@@ -250,7 +256,7 @@ def test_two_models_load_at_the_same_time(saved: dict[str, Path]) -> None:
                     adapters.load(saved[name], name)
                     if i < 39:
                         adapters.delete(name)
-                except Exception as exc:  # noqa: BLE001 - counted
+                except Exception as exc:
                     failures.append(f"{name} round {i}: {type(exc).__name__}: {exc}")
                     return
 
@@ -266,7 +272,10 @@ def test_two_models_load_at_the_same_time(saved: dict[str, Path]) -> None:
     assert swappable_identities() == before
     assert torch._C._len_torch_function_stack() == 0
     assert torch.randn(3).device.type == "cpu" and nn.Linear(2, 2).weight.device.type == "cpu"
-    assert torch.equal(torch.randn(4, generator=torch.Generator().manual_seed(0)), torch.randn(4, generator=torch.Generator().manual_seed(0)))
+    assert torch.equal(
+        torch.randn(4, generator=torch.Generator().manual_seed(0)),
+        torch.randn(4, generator=torch.Generator().manual_seed(0)),
+    )
 
 
 # -- one model, several threads -------------------------------------------------------------------------
@@ -309,7 +318,7 @@ def test_operations_from_several_threads_on_one_model_stay_consistent(saved: dic
                     rng.choice(operations)()
                 except AdapterkitError:
                     typed[0] += 1  # another thread got there first: a typed refusal is the right answer
-                except Exception as exc:  # noqa: BLE001 - collected
+                except Exception as exc:
                     unexpected.append(f"{type(exc).__name__}: {exc}")
 
         return act
@@ -373,7 +382,9 @@ def test_a_forward_runs_while_another_thread_holds_the_lock(saved: dict[str, Pat
     assert switched.is_set() and adapters.active == ["b"]
 
 
-def test_forwards_beside_deletes_of_inactive_adapters_and_saves_stay_right(saved: dict[str, Path], tmp_path: Path) -> None:
+def test_forwards_beside_deletes_of_inactive_adapters_and_saves_stay_right(
+    saved: dict[str, Path], tmp_path: Path
+) -> None:
     """What leaves the active adapters alone does not change what a concurrent forward computes."""
     model, x = make_llama(), llama_input()
     adapters = adapterkit.attach(model)
@@ -484,7 +495,9 @@ def test_operations_that_would_break_an_open_block_are_refused(routed: types.Sim
             (lambda: adapters.delete("b"), "delete adapter 'b'"),
             (lambda: adapters.add("lora[r=2, target_modules=['q_proj']]", "new"), "add or load"),
         ):
-            with pytest.raises(AdapterStateError, match=rf"cannot {what}.*per_sample block is open.*{re.escape(thread.name)}"):
+            with pytest.raises(
+                AdapterStateError, match=rf"cannot {what}.*per_sample block is open.*{re.escape(thread.name)}"
+            ):
                 act()
         assert adapters.names[:3] == ["a", "b", "c"] and adapters.merged == [] and adapters.enabled
         # What leaves the block's rows alone goes ahead: deleting an adapter it does not route, switching.
