@@ -6,7 +6,7 @@ The rule, checked by ``test_docs.py::test_every_hook_has_tests``:
   the docs tests until its tests are listed here, a removed one until its entry goes;
 * each hook lists at least one test, as a pytest node id relative to the
   repository root (``path::test_function`` or ``path::Class::test_method``);
-  the conformance suite's tests (``core/adapterkit/testing.py::MethodContract::...``)
+  the conformance suite's tests (``core/adapterkit/testing/contract.py::MethodContract::...``)
   count, since every plugin's contract subclass runs them;
 * each listed test exists, and its source exercises the hook: it names the
   hook (calls it, implements it in a test plugin, or says in its docstring which
@@ -17,7 +17,7 @@ The rule, checked by ``test_docs.py::test_every_hook_has_tests``:
 
 from __future__ import annotations
 
-CONTRACT = "core/adapterkit/testing.py::MethodContract"
+CONTRACT = "core/adapterkit/testing/contract.py::MethodContract"
 BOTTLENECK = "examples/bottleneck/tests/test_bottleneck.py"
 
 HOOK_TESTS: dict[str, list[str]] = {

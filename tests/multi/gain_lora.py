@@ -19,6 +19,7 @@ from peft.tuners.lora import LoraModel
 from torch import nn
 
 
+# --8<-- [start:plugin]
 class GainLoraLinear(LoraLinear):
     """A LoRA linear layer whose delta is multiplied by the config's ``lora_gain``."""
 
@@ -44,3 +45,4 @@ class GainLoraMethod(PeftMethod):
 
 
 plugin = GainLoraMethod("gain_lora", GainLoraConfig, LoraModel, description="LoRA with a gain", direct_load=True)
+# --8<-- [end:plugin]

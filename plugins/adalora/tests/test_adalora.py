@@ -574,3 +574,21 @@ def test_per_sample_routes_rows(trained) -> None:
     assert torch.equal(output(model, x), expected["b"])
     with pytest.raises(adapterkit.PerSampleError), adapters.per_sample(["a", "b"]):
         output(model, x)
+
+
+@pytest.mark.parametrize("load", [False, True])
+def test_ranknum_never_trains_on_a_half_precision_base(load, tmp_path):
+    """peft's dtype cast makes ranknum a trainable parameter on a bf16 base (an optimizer would change the rank
+    count AdaLoRA divides by); adapterkit keeps it frozen, after add and after load."""
+    spec = f"adalora[init_r=4, target_r=2, total_step=10, target_modules={MLP_TARGETS!r}]"
+    model = MLP().to(torch.bfloat16)
+    adapters = adapterkit.attach(model)
+    adapters.add(spec)
+    if load:
+        adapters.save(tmp_path)
+        model = MLP().to(torch.bfloat16)
+        adapters = adapterkit.attach(model)
+        adapters.load(tmp_path, is_trainable=True)
+    ranknums = [p for n, p in model.named_parameters() if ".ranknum." in n]
+    assert ranknums and all(p.dtype == torch.float32 and not p.requires_grad for p in ranknums)
+    assert all(p.requires_grad for n, p in model.named_parameters() if ".lora_E." in n)

@@ -22,6 +22,7 @@ __all__ = [
     "is_empty",
     "offloaded",
     "place",
+    "freeze_bookkeeping",
     "upcast",
 ]
 
@@ -95,7 +96,7 @@ def adapters_held(layer: BaseTunerLayer) -> list[str]:
     return list(dict.fromkeys(n for attr in layer.adapter_layer_names for n in container(layer, attr) or ()))
 
 
-def place(layer: BaseTunerLayer, name: str, device: torch.device | None = None) -> bool:
+def place(layer: BaseTunerLayer, name: str, device: torch.device | None = None, *, float32: bool = False) -> bool:
     """Move adapter ``name`` of ``layer`` to its base layer's device and floating dtype (or to ``device``).
 
     peft's ``_move_adapter_to_device_of_base_layer`` for one adapter, without its scan of
@@ -111,6 +112,8 @@ def place(layer: BaseTunerLayer, name: str, device: torch.device | None = None) 
         return False
     moved = False
     dtype = base_dtype if base_dtype is not None and (base_dtype.is_floating_point or base_dtype.is_complex) else None
+    if float32 and dtype in _UPCAST:
+        dtype = torch.float32  # autocast_adapter_dtype: never round the file's values through the half dtype
     for attr in (*layer.adapter_layer_names, *layer.other_param_names):
         found = container(layer, attr)
         if not isinstance(found, (nn.ModuleDict, nn.ParameterDict, BufferDict)) or name not in found:
@@ -154,6 +157,18 @@ def follow_training_mode(sites: Sequence[LayerSite], name: str) -> None:
                         module.__dict__["training"] = mode
 
 
+def freeze_bookkeeping(layer: BaseTunerLayer, name: str) -> None:
+    """Parameters a layer keeps per adapter beside its weights (AdaLoRA's ``ranknum``) never train.
+
+    peft's dtype cast turns them into new parameters that do (so an optimizer over
+    ``requires_grad`` parameters would change AdaLoRA's rank count on a half-precision base).
+    """
+    for attr in layer.other_param_names:
+        found = container(layer, attr)
+        if isinstance(found, nn.ParameterDict) and name in found:
+            found[name].requires_grad_(False)
+
+
 def upcast(layer: BaseTunerLayer, name: str) -> bool:
     """Make adapter ``name``'s half-precision (and float8) tensors in ``layer`` float32, as peft's ``autocast_adapter_dtype``.
 
@@ -168,7 +183,9 @@ def upcast(layer: BaseTunerLayer, name: str) -> bool:
         item = found[name]
         if isinstance(item, torch.Tensor):
             if item.dtype in _UPCAST:
-                found[name] = item.to(torch.float32)
+                wider = item.detach().to(torch.float32)
+                # A ParameterDict makes a plain tensor a parameter that trains: keep the flag (AdaLoRA's ranknum never trains).
+                found[name] = nn.Parameter(wider, requires_grad=item.requires_grad) if isinstance(item, nn.Parameter) else wider
                 changed = True
             continue
         for owner in item.modules():

@@ -23,6 +23,7 @@ from .layers import (
     adapters_held,
     container,
     follow_training_mode,
+    freeze_bookkeeping,
     has_adapter,
     is_empty,
     offloaded,
@@ -203,9 +204,11 @@ class PeftMethod:
         follow_training_mode(sites, name)
         if empty:
             self._upcast_on_load(model, name, autocast_adapter_dtype)
-        elif autocast_adapter_dtype:
+        else:
             for site in sites:
-                upcast(site.layer, name)
+                if autocast_adapter_dtype:
+                    upcast(site.layer, name)
+                freeze_bookkeeping(site.layer, name)
 
     def _upcast_on_load(self, model: nn.Module, name: str, flag: bool) -> None:
         # The load that follows places the file's tensors in the layer's dtype, then upcasts them (as peft does).
@@ -366,14 +369,15 @@ class PeftMethod:
             layers[id(site.layer)] = site.layer
             params.append(param)
         moved = False
+        float32 = model.__dict__.get(_CACHE, {}).pop((self.name, "upcast", name), True)
         for layer in layers.values():
             # A base layer offloaded by accelerate has its weight on the meta device; moving the
             # adapter there would drop the file's tensors. Keep them on the CPU, in the layer's
             # dtype, for the dispatch plugin to offload with the layer.
-            moved |= place(layer, name, device=torch.device("cpu") if offloaded(layer) else None)
-        if model.__dict__.get(_CACHE, {}).pop((self.name, "upcast", name), True):
-            for layer in layers.values():
-                moved |= upcast(layer, name)
+            moved |= place(layer, name, device=torch.device("cpu") if offloaded(layer) else None, float32=float32)
+            if float32:
+                moved |= upcast(layer, name)  # what the file held in half precision, as peft casts it
+            freeze_bookkeeping(layer, name)
         self._renewed(model, name, None if moved else params)
 
     def _renewed(self, model: nn.Module, name: str, params: list[nn.Parameter] | None = None) -> None:

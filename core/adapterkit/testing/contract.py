@@ -1,30 +1,5 @@
-"""Contract tests any adapter-method plugin can run against itself (needs pytest).
+"""The single-method contract: :class:`MethodContract` (see :mod:`adapterkit.testing`)."""
 
-Subclass :class:`MethodContract` in your plugin's test suite, give it a config
-for your method, and pytest collects every contract test::
-
-    from adapterkit.testing import MethodContract
-
-    class TestMyMethodContract(MethodContract):
-        config = "mymethod[targets=['fc1', 'fc2']]"
-        supports_merge = True          # False: merge must raise UnsupportedOperationError
-        supports_per_sample = False    # likewise for per_sample
-
-The default model is :class:`ContractModel`, a plain ``nn.Module`` with
-``Linear`` layers ``embed``, ``fc1``, ``fc2`` and ``head``; override
-:meth:`MethodContract.make_model` and :meth:`MethodContract.make_input` to use
-another. Override :attr:`MethodContract.registry` (a callable returning a
-:class:`~adapterkit.MethodRegistry`, the same one every time, e.g. wrapped in
-``functools.cache``) to test a plugin registered in-process rather than
-through its entry point.
-
-The contract exercises: config strings (parse, format round trip), inject
-(outputs change, untargeted modules untouched, only adapter parameters
-train), set_active, enable/disable, extract_state/load_state round trip,
-save/load through files, two adapters side by side, merge/unmerge (or a clean
-refusal), per_sample (or a clean refusal), delete (the model is as before), and
-atomic failure (targets that match nothing, a checkpoint of the wrong shape).
-"""
 
 from __future__ import annotations
 
@@ -37,7 +12,7 @@ import pytest
 import torch
 from torch import nn
 
-from . import (
+from .. import (
     Adapters,
     AdapterkitError,
     CheckpointError,
@@ -48,7 +23,8 @@ from . import (
     default_registry,
     format_config,
 )
-from .configs import resolve_config
+from ..configs import resolve_config
+from .composition import CompositionContract
 
 __all__ = ["ContractModel", "MethodContract", "model_fingerprint"]
 
@@ -86,8 +62,13 @@ def _assert_same(a: tuple[Any, ...], b: tuple[Any, ...]) -> None:
     assert torch.equal(a[3], b[3]), "outputs changed"
 
 
-class MethodContract:
-    """Contract tests for one adapter method; subclass and set :attr:`config`."""
+class MethodContract(CompositionContract):
+    """Contract tests for one adapter method; subclass and set :attr:`config`.
+
+    The tests defined here exercise the method alone; those of
+    :class:`~adapterkit.testing.composition.CompositionContract` (inherited) run it
+    beside partner methods on the same layers.
+    """
 
     config: ClassVar[Any] = None
     """The method's config: a config string, dict or config object targeting layers of :meth:`make_model`."""
@@ -127,15 +108,18 @@ class MethodContract:
         return out.logits if hasattr(out, "logits") else out
 
     def add(self, model: nn.Module, name: str = "default", seed: int = 0) -> Adapters:
-        """Add the adapter and move its weights off their (often identity) initialisation."""
-        base_names = {n for n, _ in model.named_parameters()}
+        """Add the adapter and move its weights off their (often identity) initialisation.
+
+        Every parameter the add created that trains (``requires_grad``) gets noise, as training
+        would; values that do not train (AdaLoRA's ``ranknum``, say) stay as the plugin made them.
+        """
+        before = {id(p) for p in model.parameters()}
         adapters = self.attach(model)
         adapters.add(self.config, name)
         generator = torch.Generator().manual_seed(seed)
         with torch.no_grad():
-            for param_name, param in model.named_parameters():
-                # the adapter's trainable weights (not buffers-as-parameters such as AdaLoRA's ranknum)
-                if param_name not in base_names and f".{name}" in param_name and param.requires_grad:
+            for param in model.parameters():
+                if id(param) not in before and param.requires_grad:
                     param.add_(torch.randn(param.shape, generator=generator).to(param) * 0.3)
         return adapters
 
