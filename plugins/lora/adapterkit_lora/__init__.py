@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 from adapterkit import ConfigValueError, UnsupportedOperationError, hookimpl
-from adapterkit.routing import check_rows, replaced_forwards
+from adapterkit.routing import check_rows, replaced_forwards, this_thread_only
 from adapterkit_peft import PeftMethod, routed_heads
 from peft import LoraConfig
 from peft.tuners.lora import Linear as LoraLinear
@@ -59,8 +59,9 @@ class LoraMethod(PeftMethod):
             return args, {**kwargs, "adapter_names": rows}
 
         # Other layers (embeddings, convolutions, LoRA variants, training-mode dropout) take peft's mixed-batch path.
+        hook = this_thread_only(route)  # other threads' forwards keep the active adapters
         handles = [
-            layer.register_forward_pre_hook(route, with_kwargs=True) for layer in layers if id(layer) not in chosen
+            layer.register_forward_pre_hook(hook, with_kwargs=True) for layer in layers if id(layer) not in chosen
         ]
         try:
             with replaced_forwards(grouped, lambda layer: _GroupedForward(layer, rows, groups)), routed_heads(model, rows):
