@@ -232,8 +232,34 @@ def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
 
 
+def _whole_numbers(value: Any, tp: Any) -> Any:
+    """``value`` with floats that hold whole numbers made ``int`` where ``tp`` wants an int (``16.0`` -> ``16``).
+
+    Other tools write saved configs, and some write ``"lora_alpha": 16.0`` for an int field;
+    peft reads it. A fraction stays a float (and fails the type check).
+    """
+    if isinstance(value, float) and value.is_integer() and _wants(tp, int) and not _wants(tp, float):
+        return int(value)
+    args = typing.get_args(tp)
+    if isinstance(value, dict) and typing.get_origin(tp) is dict and len(args) == 2:
+        return {k: _whole_numbers(v, args[1]) for k, v in value.items()}
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        for arg in args:
+            if typing.get_origin(arg) is dict:
+                return _whole_numbers(value, arg) if isinstance(value, dict) else value
+    return value
+
+
+def _wants(tp: Any, kind: type) -> bool:
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        return any(_wants(arg, kind) for arg in typing.get_args(tp))
+    return tp is kind
+
+
 def _config_from_saved(method: Method, data: Mapping[str, Any], registry: MethodRegistry) -> Any:
     fields = _fields(method.config_type)
+    hints = _type_hints(method.config_type)
+    data = {key: _whole_numbers(value, hints[key]) if key in hints else value for key, value in data.items()}
     _check_values(method, {key: value for key, value in data.items() if key in fields})
     if registry.implements(method, "adapterkit_config_from_dict"):
         try:
