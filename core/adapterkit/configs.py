@@ -18,6 +18,7 @@ import copy
 import dataclasses
 import difflib
 import enum
+import math
 import re
 import types
 import typing
@@ -32,9 +33,11 @@ from .errors import (
     ConfigError,
     ConfigSyntaxError,
     ConfigValueError,
+    PluginError,
     UnknownConfigKeyError,
     UnknownMethodError,
 )
+from .files import OversizedNumber
 from .registry import Method, MethodRegistry, default_registry
 
 __all__ = ["parse_config", "parse_config_string", "format_config", "config_to_dict"]
@@ -65,7 +68,7 @@ def parse_config_string(spec: str) -> tuple[str, dict[str, Any]]:
             call = ast.parse(f"_({body}\n)", mode="eval").body
     except (SyntaxError, ValueError) as exc:
         raise ConfigSyntaxError(
-            f"cannot parse the options of config string {spec!r}: {getattr(exc, 'msg', exc)}. "
+            f"cannot parse the options of config string {_short(spec)}: {_short(getattr(exc, 'msg', exc), 200)}. "
             "Write key=value pairs separated by commas, values as Python literals (quote strings)."
         ) from None
     except (MemoryError, RecursionError):
@@ -160,18 +163,67 @@ def _config_from_options(method: Method, options: Mapping[str, Any], registry: M
             f"{method.name} has no config key {key!r}.{hint} "
             f"Valid keys are the fields of {method.config_type.__name__}."
         )
-    hints = _type_hints(method.config_type)
-    for key, value in options.items():
-        if key in hints and not _matches(value, hints[key]):
-            raise ConfigValueError(
-                f"{method.name} config key {key!r} expects {_type_name(hints[key])}, got {value!r} "
-                f"({type(value).__name__})"
-            )
+    _check_values(method, options)
     try:
         config = method.config_type(**options)
     except (TypeError, ValueError) as exc:
         raise ConfigValueError(f"invalid {method.name} config {dict(options)!r}: {exc}") from exc
     return config
+
+
+def _check_values(method: Method, options: Mapping[str, Any]) -> None:
+    """Refuse values of the wrong type for their key (bools are bools, lists are lists) and numbers that are not finite."""
+    hints = _type_hints(method.config_type)
+    for key, value in options.items():
+        if key in hints and not _matches(value, hints[key]):
+            raise ConfigValueError(
+                f"{method.name} config key {key!r} expects {_type_name(hints[key])}, got {_short(value)} "
+                f"({type(value).__name__})"
+            )
+        problem = _not_finite(value, key in hints and _wants_float(hints[key]))
+        if problem is not None:
+            raise ConfigValueError(
+                f"{method.name} config key {key!r} must hold finite numbers, got {_short(value)}"
+                f"{'' if problem is value else f' (holds {_short(problem)})'}; use a finite number"
+            )
+
+
+def _not_finite(value: Any, as_float: bool = False) -> Any:
+    """The first number in ``value`` (or inside it, recursively) that is NaN, infinite, or too long to use; else None."""
+    if isinstance(value, OversizedNumber):
+        return value
+    if isinstance(value, float):
+        return None if math.isfinite(value) else value
+    if isinstance(value, int) and not isinstance(value, bool):
+        if as_float:
+            try:
+                float(value)
+            except OverflowError:  # an int a float cannot hold: the computation would overflow
+                return value
+        return None
+    if isinstance(value, Mapping):
+        value = list(value.values())
+    if isinstance(value, (list, tuple, set, frozenset)):
+        for item in value:
+            found = _not_finite(item, as_float)
+            if found is not None:
+                return found
+    return None
+
+
+def _wants_float(tp: Any) -> bool:
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        return any(_wants_float(arg) for arg in typing.get_args(tp))
+    return tp is float
+
+
+def _short(value: Any, limit: int = 80) -> str:
+    """``repr(value)``, cut short (a 5000-digit number makes a message nobody reads)."""
+    try:
+        text = value if isinstance(value, str) and limit > 80 else repr(value)
+    except ValueError:  # an int past sys.get_int_max_str_digits() digits
+        return f"<an int of {value.bit_length()} bits>"
+    return text if len(text) <= limit else f"{text[: limit - 20]}... ({len(text)} characters)"
 
 
 def _type_name(tp: Any) -> str:
@@ -180,15 +232,45 @@ def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
 
 
+def _whole_numbers(value: Any, tp: Any) -> Any:
+    """``value`` with floats that hold whole numbers made ``int`` where ``tp`` wants an int (``16.0`` -> ``16``).
+
+    Other tools write saved configs, and some write ``"lora_alpha": 16.0`` for an int field;
+    peft reads it. A fraction stays a float (and fails the type check).
+    """
+    if isinstance(value, float) and value.is_integer() and _wants(tp, int) and not _wants(tp, float):
+        return int(value)
+    args = typing.get_args(tp)
+    if isinstance(value, dict) and typing.get_origin(tp) is dict and len(args) == 2:
+        return {k: _whole_numbers(v, args[1]) for k, v in value.items()}
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        for arg in args:
+            if typing.get_origin(arg) is dict:
+                return _whole_numbers(value, arg) if isinstance(value, dict) else value
+    return value
+
+
+def _wants(tp: Any, kind: type) -> bool:
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        return any(_wants(arg, kind) for arg in typing.get_args(tp))
+    return tp is kind
+
+
 def _config_from_saved(method: Method, data: Mapping[str, Any], registry: MethodRegistry) -> Any:
+    fields = _fields(method.config_type)
+    hints = _type_hints(method.config_type)
+    data = {key: _whole_numbers(value, hints[key]) if key in hints else value for key, value in data.items()}
+    _check_values(method, {key: value for key, value in data.items() if key in fields})
     if registry.implements(method, "adapterkit_config_from_dict"):
         try:
             config = registry.call(method, "adapterkit_config_from_dict", data=dict(data))
-        except (TypeError, ValueError) as exc:
-            raise ConfigValueError(f"invalid saved {method.name} config: {exc}") from exc
+        except PluginError as exc:
+            # The config type refusing a value (peft's __post_init__) is a bad config, not a broken plugin.
+            if isinstance(exc.__cause__, (TypeError, ValueError)):
+                raise ConfigValueError(f"invalid saved {method.name} config: {exc.__cause__}") from exc.__cause__
+            raise
         if config is not None:
             return config
-    fields = _fields(method.config_type)
     return _config_from_options(method, {k: v for k, v in data.items() if k in fields}, registry)
 
 
@@ -231,6 +313,7 @@ def resolve_config(
                 f"of an installed method ({', '.join(sorted(registry.methods)) or 'none installed'})"
             ) from None
         config = copy.deepcopy(spec)
+        _check_values(method, {key: getattr(config, key) for key in _fields(method.config_type) if hasattr(config, key)})
     if registry.implements(method, "adapterkit_validate_config"):
         registry.call(method, "adapterkit_validate_config", config=config)
     return method, config

@@ -27,6 +27,7 @@ __all__ = [
     "CheckpointExistsError",
     "StateDictMismatchError",
     "HubAccessError",
+    "SaveError",
     "AdapterStateError",
     "PerSampleError",
     "UnsupportedOperationError",
@@ -110,6 +111,18 @@ class StateDictMismatchError(CheckpointError):
 
 class HubAccessError(CheckpointError, PermissionError):
     """The Hub refused access (authentication or gating)."""
+
+
+class SaveError(AdapterkitError, OSError):
+    """A save could not write its files: disk full, read-only file system, no permission, a bad path.
+
+    An ``OSError`` too, with the ``errno`` of the failure; the message names the folder
+    the caller asked for, never a temporary one. The original error is the ``__cause__``.
+    """
+
+    def __str__(self) -> str:
+        # OSError would print "[Errno N] strerror: filename"; show our sentence as written.
+        return str(self.args[0]) if self.args else ""
 
 
 class AdapterStateError(AdapterkitError, RuntimeError):

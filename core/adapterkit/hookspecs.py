@@ -22,7 +22,13 @@ Three kinds of hooks:
 Adapter names are unique across methods on one model; a plugin may use them as
 keys (e.g. ``ModuleDict`` keys) without collision. The core validates names,
 configs and state before a hook sees them, and rolls a failed add or load back,
-so hooks may raise on error without cleaning up after themselves.
+so hooks may raise on error without cleaning up after themselves. An exception
+from a hook that is not one of adapterkit's errors reaches the caller as a
+:class:`~adapterkit.PluginError` naming the plugin, hook and method (the
+original is its ``__cause__``); raise adapterkit's own errors (``TargetError``,
+``ConfigValueError``, ...) for bad input, and they pass as they are. Hooks are
+called with the model's lock held (one operation at a time per model); forwards
+run without it.
 """
 
 from __future__ import annotations
@@ -177,7 +183,9 @@ def adapterkit_extract_state(model: nn.Module, method: str, name: str) -> dict[s
     :param model: the model.
     :param method: the registered method name.
     :param name: an adapter of this method.
-    :returns: name -> tensor (detached; may share storage with the parameters).
+    :returns: name -> tensor (detached; may share storage with the parameters, and with
+        each other: ``save`` gives each key its own copy, as peft does). Anything else
+        (``None``, non-tensor values) is a :class:`~adapterkit.PluginError`.
     """
 
 
@@ -248,8 +256,13 @@ def adapterkit_per_sample(
     Optional. ``rows`` holds one entry per batch row: an adapter of this method,
     another method's adapter, or ``"__base__"``; this method's layers act only on
     rows naming its own adapters and leave the others as the base model
-    computes them. Raise on a forward whose batch size differs from
-    ``len(rows)``.
+    computes them (the core also calls it when no row names this method's
+    adapters). Raise on a forward whose batch size differs from ``len(rows)``.
+    The routing must act only on forwards in the thread that enters the context
+    manager: other threads keep computing the active adapters, and blocks open
+    in several threads at once each route their own rows
+    (:func:`adapterkit.routing.replaced_forwards` and
+    :func:`~adapterkit.routing.this_thread_only` do that).
 
     :param model: the model.
     :param method: the registered method name.

@@ -69,7 +69,7 @@ class AdapterMixin:
         """Load an adapter like transformers' ``load_adapter``; see :meth:`Adapters.load`.
 
         ``adapter_kwargs`` may hold ``subfolder``, ``cache_dir``,
-        ``local_files_only``, ``token``, ``revision`` and ``allow_pickle``.
+        ``local_files_only``, ``token``, ``revision``, ``allow_pickle`` and ``allow_nonfinite``.
         ``load_config`` is what transformers' ``from_pretrained`` passes when it is
         given an adapter folder: its download options (cache folder, local files
         only, token, subfolder) apply to the adapter too. ``low_cpu_mem_usage`` is
@@ -92,7 +92,7 @@ class AdapterMixin:
             revision = options.pop("revision") if revision is None else revision
         if "token" in options:
             token = options.pop("token") if token is None else token
-        unknown = set(options) - {"subfolder", "cache_dir", "local_files_only", "allow_pickle"}
+        unknown = set(options) - {"subfolder", "cache_dir", "local_files_only", "allow_pickle", "allow_nonfinite"}
         if unknown:
             raise TypeError(f"load_adapter() got unexpected arguments {sorted(unknown)}")
         self.adapterkit.load(

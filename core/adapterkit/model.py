@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import threading
 import weakref
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from os import PathLike
 from pathlib import Path
 from typing import Any
@@ -22,8 +23,9 @@ import torch
 from torch import nn
 
 from . import files, training
+from .concurrency import OpenBlocks, serialised
 from .configs import checkpoint_method, config_to_dict, resolve_config
-from .layers import AdaptedLayer, adapted_layers, claim, owner
+from .layers import AdaptedLayer, adapted_layers
 from .merging import merge_order, runs
 from .errors import (
     AdapterExistsError,
@@ -37,6 +39,7 @@ from .errors import (
     UnsupportedOperationError,
 )
 from .registry import Method, MethodRegistry, default_registry
+from .rollback import Snapshot
 
 __all__ = ["Adapters", "attach", "attached", "BASE", "DEFAULT_NAME"]
 
@@ -72,11 +75,16 @@ class _Record:
         self.enabled = True
         self.method_list: list[Method] | None = None  # the methods in use (see Adapters._methods)
         self.handle: Callable[[], Adapters | None] = _no_handle
+        # One lock per model, whatever handle is used (see adapterkit.concurrency).
+        self.lock = threading.RLock()
+        self.blocks = OpenBlocks()  # per_sample blocks open on the model, in any thread
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
         state.pop("registry")  # plugin managers do not pickle; the default one is rebuilt on load
         state.pop("handle")
+        state.pop("lock")
+        state.pop("blocks")
         state["method_list"] = None  # a cache
         return state
 
@@ -84,17 +92,24 @@ class _Record:
         self.__dict__.update(state)
         self.registry = default_registry()
         self.handle = _no_handle
+        self.lock = threading.RLock()
+        self.blocks = OpenBlocks()
 
     def __deepcopy__(self, memo: dict[int, Any]) -> _Record:
         new = _Record.__new__(_Record)
         memo[id(self)] = new
-        for key, value in self.__dict__.items():
-            if key == "handle":
-                new.handle = _no_handle
-            elif key == "method_list":
-                new.method_list = None
-            else:
-                new.__dict__[key] = value if key == "registry" else copy.deepcopy(value, memo)
+        with self.lock:
+            for key, value in self.__dict__.items():
+                if key == "handle":
+                    new.handle = _no_handle
+                elif key == "method_list":
+                    new.method_list = None
+                elif key == "lock":
+                    new.lock = threading.RLock()
+                elif key == "blocks":
+                    new.blocks = OpenBlocks()
+                else:
+                    new.__dict__[key] = value if key == "registry" else copy.deepcopy(value, memo)
         return new
 
 
@@ -105,63 +120,6 @@ def _no_handle() -> None:
 def _in_record(field: str) -> Any:
     """An :class:`Adapters` attribute that lives in the model's record."""
     return property(lambda self: getattr(self._record, field), lambda self, value: setattr(self._record, field, value))
-
-
-class _Snapshot:
-    """The parts of a model an injection may change, to put back after a failure.
-
-    Every module's children and every parameter's ``requires_grad`` are recorded, except
-    inside the per-adapter containers of the adapters already attached (a ``ModuleDict`` or
-    ``ParameterDict`` keyed by their names, such as peft's ``lora_A``): the plugin's
-    ``delete`` removes the failed adapter's entries from those, and adapterkit re-applies the
-    other adapters' ``requires_grad``. So the cost does not grow with the adapters loaded.
-    """
-
-    def __init__(self, model: nn.Module, adapters: Iterable[str] = ()) -> None:
-        names = frozenset(adapters)
-        self.children: list[tuple[nn.Module, dict[str, nn.Module | None]]] = []
-        self.requires_grad: list[tuple[nn.Parameter, bool]] = []
-        seen: set[int] = set()
-        stack = [model]
-        while stack:
-            module = stack.pop()
-            if id(module) in seen or (names and _adapter_container(module, names)):
-                continue
-            seen.add(id(module))
-            self.children.append((module, dict(module._modules)))
-            self.requires_grad.extend((p, p.requires_grad) for p in module._parameters.values() if p is not None)
-            stack.extend(child for child in module._modules.values() if child is not None)
-
-    def claim_new_wrappers(self, method: str) -> None:
-        """Record ``method`` as the owner of every wrapper an injection put in place of a recorded child.
-
-        A wrapper keeps what it replaced as ``base_layer``; the chain from the new child down to the
-        old one is the injection's (unless already claimed: another method's wrapper below, or the
-        plugin's own :func:`~adapterkit.layers.claim`). A replacement that does not keep the old child
-        as ``base_layer`` is recorded too, as an opaque wrapper.
-        """
-        for module, children in self.children:
-            for attr, child in module._modules.items():
-                old = children.get(attr, child)
-                node = child
-                while node is not None and node is not old and owner(node) is None:
-                    claim(node, method)
-                    node = node._modules.get("base_layer")
-
-    def restore(self) -> None:
-        for module, children in self.children:
-            module._modules.clear()
-            module._modules.update(children)
-        for param, flag in self.requires_grad:
-            param.requires_grad_(flag)
-
-
-def _adapter_container(module: nn.Module, names: frozenset[str]) -> bool:
-    """Whether ``module`` holds per-adapter entries: a ModuleDict/ParameterDict whose first key names an adapter."""
-    if not isinstance(module, (nn.ModuleDict, nn.ParameterDict)):
-        return False
-    entries = module._modules or module._parameters
-    return bool(entries) and next(iter(entries)) in names
 
 
 MAX_NAME_BYTES = 128
@@ -192,6 +150,8 @@ def check_name(name: Any) -> str:
         problem = "has leading or trailing whitespace"
     elif any(ord(ch) < 32 or ord(ch) == 127 for ch in name):
         problem = "contains a control character such as NUL or a newline (names become folder names)"
+    elif not _utf8(name):
+        problem = "is not valid UTF-8 text (it holds a lone surrogate); names become folder names"
     elif len(name.encode("utf-8", "surrogatepass")) > MAX_NAME_BYTES:
         problem = f"is longer than {MAX_NAME_BYTES} bytes (names become folder names)"
     elif name in _TAKEN:
@@ -199,6 +159,15 @@ def check_name(name: Any) -> str:
     if problem:
         raise AdapterNameError(f"adapter name {name!r:.80} {problem}; use e.g. 'default' or 'task_a'")
     return name
+
+
+def _utf8(name: str) -> bool:
+    """Whether ``name`` is UTF-8 text (no lone surrogates): folder names are, safetensors' paths must be."""
+    try:
+        name.encode("utf-8")
+    except UnicodeError:
+        return False
+    return True
 
 
 class Adapters:
@@ -212,6 +181,8 @@ class Adapters:
       ``is_trainable=True``), is active, and adapters are enabled.
     * Names are unique across methods; reusing one is an :class:`AdapterExistsError`.
     * A failed ``add`` or ``load`` leaves the model exactly as it was.
+    * Operations from several threads run one after the other (see :attr:`lock`);
+      forwards never wait for them.
     """
 
     def __init__(self, model: nn.Module, registry: MethodRegistry | None = None, *, _record: _Record | None = None) -> None:
@@ -227,6 +198,12 @@ class Adapters:
     _merged = _in_record("merged")
     _enabled = _in_record("enabled")
     _method_list = _in_record("method_list")
+    _blocks = _in_record("blocks")
+
+    @property
+    def lock(self) -> threading.RLock:
+        """The model's re-entrant lock: every operation holds it; hold it yourself to make several one step."""
+        return self._record.lock
 
     # -- state ---------------------------------------------------------------
 
@@ -326,6 +303,7 @@ class Adapters:
             self._call(method, "adapterkit_set_active", names=names, trainable=trainable)
 
     # -- adding --------------------------------------------------------------
+    @serialised
     def add(self, config: Any, name: str = DEFAULT_NAME, *, autocast_adapter_dtype: bool = True) -> str:
         """Add a new, freshly initialised, trainable adapter and make it the only active one.
 
@@ -342,6 +320,7 @@ class Adapters:
         self._attach(name, method, config, state_dict=None, trainable=True, autocast_adapter_dtype=autocast_adapter_dtype)
         return name
 
+    @serialised
     def load(
         self,
         source: str | PathLike[str] | None,
@@ -357,6 +336,7 @@ class Adapters:
         state_dict: Mapping[str, torch.Tensor] | None = None,
         method: str | None = None,
         allow_pickle: bool = False,
+        allow_nonfinite: bool = False,
         device_map: str | dict[str, Any] | None = None,
         max_memory: dict[Any, Any] | None = None,
         offload_folder: str | PathLike[str] | None = None,
@@ -385,6 +365,8 @@ class Adapters:
             keys with or without peft's ``base_model.model.`` prefix.
         :param allow_pickle: allow reading ``adapter_model.bin`` (pickle) when no
             safetensors file exists. Only for sources you trust.
+        :param allow_nonfinite: load weights that hold NaN or infinite values (refused by
+            default with a :class:`CheckpointError`: such an adapter makes every output NaN).
         :param device_map: after loading, re-dispatch the model with this device
             map (needs the dispatch plugin, see :meth:`dispatch`); ``max_memory``,
             ``offload_folder`` and ``offload_index`` go with it.
@@ -419,6 +401,14 @@ class Adapters:
                 state_dict, metadata = files.read_weights(found.weights)
             if config is None:
                 config = files.read_config(found.config)
+        if not allow_nonfinite:
+            bad = files.nonfinite(state_dict)
+            if bad:
+                raise CheckpointError(
+                    f"adapter {name!r}: {len(bad)} weight tensor(s) hold NaN or infinite values ({', '.join(bad[:3])}"
+                    f"{', ...' if len(bad) > 3 else ''}), which would make the model's outputs NaN; "
+                    "pass allow_nonfinite=True to load them anyway"
+                )
         tensors = files.strip_prefix(state_dict)
         if method is None and isinstance(config, Mapping) and "method" not in config:
             method = checkpoint_method(
@@ -462,6 +452,7 @@ class Adapters:
             )
         return hook
 
+    @serialised
     def dispatch(
         self,
         device_map: str | dict[str, Any] = "auto",
@@ -475,13 +466,15 @@ class Adapters:
         ``device_map`` is ``"auto"``, ``"balanced"``, ``"balanced_low_0"``,
         ``"sequential"`` or an explicit ``{module name: device}`` dict.
         """
-        self._dispatcher()(
-            model=self.model,
-            device_map=device_map,
-            max_memory=max_memory,
-            offload_folder=None if offload_folder is None else str(offload_folder),
-            offload_index=offload_index,
-        )
+        hook = self._dispatcher()
+        with self.registry.faults(hook.get_hookimpls()[-1].plugin_name, "adapterkit_dispatch"):
+            hook(
+                model=self.model,
+                device_map=device_map,
+                max_memory=max_memory,
+                offload_folder=None if offload_folder is None else str(offload_folder),
+                offload_index=offload_index,
+            )
 
     def _check_new_name(self, name: str) -> None:
         check_name(name)
@@ -503,7 +496,8 @@ class Adapters:
     ) -> None:
         if self._merged:
             raise AdapterStateError(f"cannot attach {name!r} while {self._merged} are merged; unmerge() first")
-        snapshot = _Snapshot(self.model, self._adapters)
+        self._blocks.refuse(f"add or load adapter {name!r} (it would become active)")
+        snapshot = Snapshot(self.model, self._adapters)
         previous_active = self._active
         if not self._adapters:
             for param in self.model.parameters():
@@ -534,7 +528,7 @@ class Adapters:
             self._rollback(method, name, snapshot)
             raise
 
-    def _rollback(self, method: Method, name: str, snapshot: _Snapshot) -> None:
+    def _rollback(self, method: Method, name: str, snapshot: Snapshot) -> None:
         with contextlib.suppress(Exception):
             self._call(method, "adapterkit_delete", name=name)
         snapshot.restore()
@@ -543,6 +537,7 @@ class Adapters:
         snapshot.restore()  # set_active may touch requires_grad; the snapshot has the last word
 
     # -- activity ------------------------------------------------------------
+    @serialised
     def set_active(self, names: str | Sequence[str]) -> None:
         """Make exactly ``names`` active (across methods; ``[]`` deactivates all)."""
         items = self._names_list(names, "set_active") if names != [] else []
@@ -560,9 +555,11 @@ class Adapters:
                 self._apply_active()
             raise
 
+    @serialised
     def disable(self) -> None:
         """Make the model compute as without adapters (adapters stay attached). Unmerges merged adapters first."""
         self._require_adapters("disable adapters")
+        self._blocks.refuse("disable adapters")
         if self._merged:
             self.unmerge()
         for method in self._methods():
@@ -570,6 +567,7 @@ class Adapters:
         self._enabled = False
         self._apply_active()
 
+    @serialised
     def enable(self) -> None:
         """Undo :meth:`disable`."""
         self._require_adapters("enable adapters")
@@ -601,6 +599,7 @@ class Adapters:
             )
         return self._active[0]
 
+    @serialised
     def state_dict(self, name: str | None = None, *, prefix: str = files.PEFT_PREFIX) -> dict[str, torch.Tensor]:
         """Adapter ``name``'s tensors with peft's file keys (``base_model.model.<module>.lora_A.weight``).
 
@@ -612,6 +611,7 @@ class Adapters:
         tensors = self._call(adapter.method, "adapterkit_extract_state", name=name)
         return {prefix + key: value for key, value in tensors.items()}
 
+    @serialised
     def save(
         self, directory: str | PathLike[str], names: str | Sequence[str] | None = None, *, overwrite: bool = False
     ) -> None:
@@ -620,18 +620,22 @@ class Adapters:
         Each adapter folder is written crash-safely (see :func:`adapterkit.files.write_adapter`).
         A folder that already holds an adapter is replaced only with ``overwrite=True``;
         otherwise :class:`CheckpointExistsError` is raised before anything is written.
+        A folder that cannot be written (disk full, read-only, no permission) is a
+        :class:`SaveError` (also an ``OSError``) naming it.
         """
         items = self._names_list(self.names if names is None else names, "save")
         for name in items:
             folder = files.adapter_folder(directory, name)
-            blocked = next((p for p in (folder, *folder.parents) if p.exists() and not p.is_dir()), None)
+            with files.saving(folder):  # a path the file system refuses (too long, no permission): a SaveError
+                blocked = next((p for p in (folder, *folder.parents) if p.exists() and not p.is_dir()), None)
             if blocked is not None:
                 raise CheckpointError(
                     f"cannot save adapter {name!r} to {str(folder)!r}: {str(blocked)!r} is a file, not a folder; "
                     "pass a folder path"
                 )
         if not overwrite:
-            taken = [str(files.adapter_folder(directory, n)) for n in items if files.holds_adapter(files.adapter_folder(directory, n))]
+            with files.saving(Path(directory)):
+                taken = [str(f) for n in items if files.holds_adapter(f := files.adapter_folder(directory, n))]
             if taken:
                 raise CheckpointExistsError(f"{taken} already hold an adapter; pass overwrite=True to replace them")
         for name in items:
@@ -647,6 +651,7 @@ class Adapters:
         files.write_adapter(Path(folder), config=data, tensors=self.state_dict(name), method=adapter.method)
 
     # -- merging and deleting ------------------------------------------------
+    @serialised
     def merge(self, names: str | Sequence[str] | None = None) -> None:
         """Fold adapters (default: the active ones) into the base weights, innermost first.
 
@@ -666,6 +671,7 @@ class Adapters:
             raise AdapterStateError(f"adapters {already} are already merged; unmerge() first")
         if not items:
             raise AdapterStateError("nothing to merge: no adapter is active; name the adapters to merge")
+        self._blocks.refuse("merge")
         unable = [n for n in items if not self.registry.implements(self._adapters[n].method, "adapterkit_merge")]
         if unable:
             method = self._adapters[unable[0]].method
@@ -695,6 +701,7 @@ class Adapters:
                 self._merged = [n for n in self._merged if n not in group]
             raise
 
+    @serialised
     def unmerge(self) -> None:
         """Take every merged adapter back out of the base weights, the last merged first."""
         self._require_adapters("unmerge")
@@ -704,6 +711,7 @@ class Adapters:
             self._call(self._adapters[group[0]].method, "adapterkit_unmerge", names=group)
             self._merged = self._merged[: -len(group)]
 
+    @serialised
     def layers(self) -> list[AdaptedLayer]:
         """The model's adapted layers, each with its stack of wrappers (innermost first) and the adapters they hold.
 
@@ -720,11 +728,13 @@ class Adapters:
 
         return adapted_layers(self.model, adapters_of)
 
+    @serialised
     def delete(self, name: str) -> None:
         """Remove adapter ``name`` and its parameters; it leaves the active list."""
         adapter = self._get(name)
         if name in self._merged:
             raise AdapterStateError(f"adapter {name!r} is merged; unmerge() before deleting it")
+        self._blocks.refuse(f"delete adapter {name!r}", [name])
         self._call(adapter.method, "adapterkit_delete", name=name)
         del self._adapters[name]
         self._method_list = None
@@ -732,6 +742,7 @@ class Adapters:
         self._apply_active()
 
     # -- training --------------------------------------------------------------
+    @serialised
     def training_step(self, global_step: int) -> None:
         """Run every method's per-step work for the adapters being trained (AdaLoRA: rank allocation).
 
@@ -742,6 +753,7 @@ class Adapters:
         """
         training.training_step(self, global_step)
 
+    @serialised
     def regularization(self) -> torch.Tensor:
         """The sum of every method's loss term for the adapters being trained (AdaLoRA: orthogonal regularisation).
 
@@ -757,8 +769,25 @@ class Adapters:
 
         ``"__base__"`` means no adapter for that row. Inference only: the model
         must be in eval mode, enabled, with nothing merged. Adapters of methods
-        not named in ``rows`` are switched off inside the block.
+        not named in ``rows`` act on no row inside the block.
+
+        The routing applies to forwards in the thread that opened the block; other
+        threads' forwards on the same model compute the active adapters as usual.
+        (A method that implements no per-sample routing, when not named in ``rows``,
+        is disabled for the block instead, model-wide.) While the block is open, no
+        thread may merge, disable, add or load adapters on the model or delete one
+        that ``rows`` names: those raise :class:`AdapterStateError`.
         """
+        with self.lock:
+            stack, token = self._open_per_sample(rows)
+        try:
+            yield
+        finally:
+            with self.lock:
+                self._blocks.close(token)
+                stack.close()
+
+    def _open_per_sample(self, rows: Sequence[str]) -> tuple[contextlib.ExitStack, object]:
         self._require_adapters("run per_sample")
         if isinstance(rows, str) or not isinstance(rows, Sequence) or not rows:
             raise AdapterNameError(f"per_sample takes a non-empty list of adapter names, one per batch row; got {rows!r}")
@@ -771,18 +800,28 @@ class Adapters:
             raise AdapterStateError(f"per_sample cannot run while {self._merged} are merged; unmerge() first")
         if not self._enabled:
             raise AdapterStateError("per_sample cannot run while adapters are disabled; enable() first")
+        rows = list(rows)
         named = self._by_method([r for r in dict.fromkeys(rows) if r != BASE])
+        disabled: list[Method] = []
         with contextlib.ExitStack() as stack:
             # Registered first, so it runs last: re-enabling a method (peft's enable_adapters) makes
             # its active adapters trainable, frozen ones included; put requires_grad back as it was.
-            stack.callback(self._apply_active)
+            stack.callback(lambda: disabled and self._apply_active())
             for method in self._methods():
-                if method in named:
-                    stack.enter_context(self._call(method, "adapterkit_per_sample", rows=list(rows)))
-                else:
-                    self._call(method, "adapterkit_disable")
-                    stack.callback(self._call, method, "adapterkit_enable")
-            yield
+                if method in named or self.registry.implements(method, "adapterkit_per_sample"):
+                    try:
+                        # A method no row names routes every row to the base model, in this thread only.
+                        with self.registry.faults(method.plugin_name, "adapterkit_per_sample", method.name):
+                            stack.enter_context(self._call(method, "adapterkit_per_sample", rows=rows))
+                        continue
+                    except UnsupportedOperationError:
+                        if method in named:
+                            raise
+                self._call(method, "adapterkit_disable")
+                disabled.append(method)
+                stack.callback(self._call, method, "adapterkit_enable")
+            token = self._blocks.open(rows)
+            return stack.pop_all(), token
 
     # -- copying ---------------------------------------------------------------
     def __deepcopy__(self, memo: dict[int, Any]) -> Adapters:
@@ -803,8 +842,10 @@ def attach(model: nn.Module, registry: MethodRegistry | None = None) -> Adapters
     if record is None:
         handle = Adapters(model, registry)
         # Plain attribute, not a submodule: the record must not appear in model.state_dict().
-        object.__setattr__(model, _HANDLE_ATTR, handle._record)
-        return handle
+        # setdefault: two threads attaching at once share one record (and its lock).
+        record = model.__dict__.setdefault(_HANDLE_ATTR, handle._record)
+        if record is handle._record:
+            return handle
     if registry is not None and registry is not record.registry:
         raise AdapterStateError("this model is already attached with another registry")
     handle = record.handle()

@@ -17,18 +17,21 @@ Environment variables, read when a manager is built:
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import functools
 import os
-from collections.abc import Iterable, Mapping, Sequence
+import threading
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from importlib import metadata
 from typing import Any
 
 import attrs
 import pluggy
+import torch
 
 from . import hookspecs
-from .errors import PluginError, UnknownMethodError, UnsupportedOperationError
+from .errors import AdapterkitError, PluginError, UnknownMethodError, UnsupportedOperationError
 
 __all__ = ["Method", "MethodRegistry", "PluginManager", "make_plugin_manager", "default_registry", "available_methods"]
 
@@ -212,7 +215,8 @@ class MethodRegistry:
         found: list[Method] = []
         hook = self.plugin_manager.hook.adapterkit_claim_checkpoint
         for impl in hook.get_hookimpls():  # in registration order
-            name = impl.function(config=dict(config), metadata=dict(metadata), keys=list(keys))
+            with self.faults(impl.plugin_name, "adapterkit_claim_checkpoint"):
+                name = impl.function(config=dict(config), metadata=dict(metadata), keys=list(keys))
             if name is None:
                 continue
             method = self._methods.get(name) if isinstance(name, str) else None
@@ -238,20 +242,91 @@ class MethodRegistry:
         return caller
 
     def call(self, method: Method, hook: str, **kwargs: Any) -> Any:
-        """Call per-method ``hook`` on the plugin that owns ``method`` only."""
+        """Call per-method ``hook`` on the plugin that owns ``method`` only.
+
+        An exception from the plugin that is not one of adapterkit's own errors becomes a
+        :class:`PluginError` naming the plugin, the hook and the method, with the original as
+        its ``__cause__`` (see :meth:`faults`); a result of the wrong type is a :class:`PluginError` too.
+        """
         caller = self._caller(method, hook)
         if not caller.get_hookimpls():
             raise UnsupportedOperationError(
                 f"adapter method {method.name!r} (plugin {method.plugin_name!r}) does not support "
                 f"{hook.removeprefix('adapterkit_')!r}"
             )
-        return caller(method=method.name, **kwargs)
+        with self.faults(method.plugin_name, hook, method.name):
+            result = caller(method=method.name, **kwargs)
+        check = _RESULT_CHECKS.get(hook)
+        problem = check(result, method) if check is not None else None
+        if problem:
+            raise PluginError(
+                f"plugin {method.plugin_name!r} broke the contract: {hook} for method {method.name!r} {problem}"
+            )
+        return result
+
+    @staticmethod
+    @contextlib.contextmanager
+    def faults(plugin: str, hook: str, method: str | None = None) -> Iterator[None]:
+        """Inside the block, an exception raised by plugin code becomes a :class:`PluginError` naming where it came from.
+
+        adapterkit's own errors (a plugin's ``TargetError``, ``StateDictMismatchError``, ...) pass
+        as they are, and so do ``MemoryError`` and torch's out-of-memory errors.
+        """
+        try:
+            yield
+        except (AdapterkitError, MemoryError, torch.OutOfMemoryError):
+            raise
+        except Exception as exc:
+            where = f"{hook} for method {method!r}" if method else hook
+            raise PluginError(
+                f"plugin {plugin!r} failed in {where}: {type(exc).__name__}: {exc}. This is a bug in the plugin "
+                f"(the original error is chained below); report it to its authors, or block it with {BLOCK_ENV}={plugin}"
+            ) from exc
+
+
+def _tensor_dict(result: Any, method: Method) -> str | None:
+    if not isinstance(result, Mapping):
+        return f"returned {type(result).__name__}, not a dict of tensors"
+    wrong = [f"{key!r}: {type(value).__name__}" for key, value in result.items() if not isinstance(key, str) or not isinstance(value, torch.Tensor)]
+    return f"returned non-tensor values or non-string keys ({', '.join(wrong[:3])})" if wrong else None
+
+
+def _context_manager(result: Any, method: Method) -> str | None:
+    if hasattr(result, "__enter__") and hasattr(result, "__exit__"):
+        return None
+    return f"returned {type(result).__name__}, not a context manager"
+
+
+def _dict_or_none(result: Any, method: Method) -> str | None:
+    return None if result is None or isinstance(result, dict) else f"returned {type(result).__name__}, not a dict"
+
+
+def _config_or_none(result: Any, method: Method) -> str | None:
+    if result is None or isinstance(result, method.config_type):
+        return None
+    return f"returned {type(result).__name__}, not a {method.config_type.__name__}"
+
+
+# What each per-method hook must return (hooks not named here return nothing the core uses).
+_RESULT_CHECKS = {
+    "adapterkit_extract_state": _tensor_dict,
+    "adapterkit_per_sample": _context_manager,
+    "adapterkit_config_to_dict": _dict_or_none,
+    "adapterkit_config_from_dict": _config_or_none,
+}
+
+
+_default: list[MethodRegistry] = []
+_default_lock = threading.Lock()
 
 
 @functools.cache
 def default_registry() -> MethodRegistry:
-    """The process-wide registry over the installed plugins, built on first use."""
-    return MethodRegistry(make_plugin_manager())
+    """The process-wide registry over the installed plugins, built on first use (once, whatever the threads)."""
+    with _default_lock:  # threads that miss the cache at once all get the one registry
+        if not _default:
+            _default.append(MethodRegistry(make_plugin_manager()))
+        return _default[0]
 
 
 def available_methods() -> dict[str, Method]:

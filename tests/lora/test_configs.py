@@ -151,3 +151,35 @@ def test_config_to_dict_is_what_peft_saves(tmp_path):
     # peft writes sets in hash order; adapterkit sorts them so files are reproducible.
     assert data.pop("target_modules") == sorted(saved.pop("target_modules"))
     assert data == saved
+
+
+def test_a_saved_config_with_whole_number_floats_for_int_keys_loads_as_in_peft(tmp_path):
+    """Other tools write "lora_alpha": 16.0 for an int key; peft reads it, and so does adapterkit (a fraction is refused)."""
+    import json
+
+    import torch
+    from conftest import make_mlp, mlp_input, run
+    from peft import PeftModel, get_peft_model
+
+    torch.manual_seed(0)
+    get_peft_model(make_mlp(), LoraConfig(r=4, lora_alpha=8, target_modules=["head"], init_lora_weights=False)).save_pretrained(
+        tmp_path
+    )
+    path = tmp_path / "adapter_config.json"
+    data = json.loads(path.read_text())
+    data.update(lora_alpha=8.0)
+    path.write_text(json.dumps(data))
+    model, x = make_mlp(), mlp_input()
+    adapters = adapterkit.attach(model)
+    adapters.load(tmp_path)
+    assert adapters.config("default").lora_alpha == 8 and type(adapters.config("default").lora_alpha) is int
+    assert torch.allclose(run(model, x), run(PeftModel.from_pretrained(make_mlp(), tmp_path), x), atol=1e-6)
+    data.update(r=4.0)  # peft fails on this one (a float size for its layers); it is the same rank
+    path.write_text(json.dumps(data))
+    other = make_mlp()
+    adapterkit.attach(other).load(tmp_path)
+    assert torch.equal(run(other, x), run(model, x))
+    data.update(r=4.5)
+    path.write_text(json.dumps(data))
+    with pytest.raises(ConfigValueError, match=r"'r' expects int, got 4\.5"):
+        adapterkit.attach(make_mlp()).load(tmp_path)

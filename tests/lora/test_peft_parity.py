@@ -172,8 +172,14 @@ def test_delete_gives_back_the_original_biases(tmp_path):
 
 def test_per_sample_rows_of_other_adapters_do_not_see_the_biases(tmp_path):
     model, adapters, x = biased(tmp_path)
-    adapters.set_active("a")  # active, but not named in the rows: its biases stay out of every row
     rows = ["b", "__base__", "b", "__base__", "b", "b"]
+    adapters.set_active("a")  # active: its biases are in the model, for every row and every thread
+    before = run(model, x)
+    with pytest.raises(UnsupportedOperationError, match="set_active\\(\\) without 'a' first"):
+        with adapters.per_sample(rows):
+            model(x)
+    assert torch.equal(run(model, x), before)
+    adapters.set_active("b")
     with adapters.per_sample(rows):
         out = run(model, x)
     only_b = make_model("dense")
@@ -182,7 +188,6 @@ def test_per_sample_rows_of_other_adapters_do_not_see_the_biases(tmp_path):
     base = run(make_model("dense"), x)
     for i, row in enumerate(rows):
         assert torch.equal(out[i], (expected if row == "b" else base)[i])
-    assert not torch.equal(run(model, x), expected)  # and "a" with its biases is back after the block
     with pytest.raises(UnsupportedOperationError, match="trains base biases"):
         with adapters.per_sample(["a", "b", "a", "b", "a", "b"]):
             model(x)

@@ -55,6 +55,7 @@ from adapterkit.errors import (
     NoAdaptersError,
     PerSampleError,
     PluginError,
+    SaveError,
     StateDictMismatchError,
     TargetError,
     UnknownAdapterError,
@@ -88,6 +89,7 @@ BUILTIN: dict[type[AdapterkitError], type[BaseException]] = {
     UnsafeCheckpointError: ValueError,
     StateDictMismatchError: ValueError,
     HubAccessError: PermissionError,
+    SaveError: OSError,
     AdapterStateError: RuntimeError,
     PerSampleError: ValueError,
     errors.ArgumentValueError: ValueError,
@@ -874,6 +876,13 @@ FILES = [
         r"not a (folder|directory)",
     ),
     case(
+        "save-folder-name-too-long",
+        lambda w: w.adapters.save(w.tmp / ("x" * 300), "one"),
+        SaveError,
+        r"'[^']*/x{300}/one'",
+        r"File name too long; use a shorter folder name",
+    ),
+    case(
         "save-unknown-adapter",
         lambda w: w.adapters.save(w.tmp / "out", ["one", "nope"]),
         UnknownAdapterError,
@@ -1233,7 +1242,157 @@ OPERATIONS = [
     ),
 ]
 
-CATALOGUE = CONFIG_STRINGS + TARGETS + NAMES + FILES + HUB + OPERATIONS
+# Hostile configs and weights (issue 14): types strict, numbers finite, sizes checked before anything is allocated.
+def json_config(edit: Callable[[str], str]) -> Callable[[World], Any]:
+    """Load the saved adapter with its adapter_config.json text edited (JSON tokens such as Infinity kept as written)."""
+
+    def text(data: dict) -> str:
+        written = json.dumps(data)
+        edited = edit(written)
+        assert edited != written, "the edit changed nothing"
+        return edited
+
+    return load_variant(config=text)
+
+
+def nonfinite_weight(value: float) -> Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]]:
+    def change(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        tensors[A_KEY][0, 0] = value
+        return tensors
+
+    return change
+
+
+HOSTILE = [
+    case(
+        "rank-too-large-for-memory",
+        add({"method": "lora", "r": 10**9, "target_modules": ["q_proj"]}),
+        ConfigValueError,
+        r"config key r=1000000000 would allocate .* GiB",
+        r"more than the .* available; use a smaller rank",
+    ),
+    case(
+        "rank-pattern-too-large-for-memory",
+        add({"method": "lora", "r": 2, "target_modules": ["q_proj"], "rank_pattern": {"q_proj": 10**9}}),
+        ConfigValueError,
+        r"rank_pattern\['q_proj'\]=1000000000 would allocate",
+        r"use a smaller rank",
+    ),
+    case(
+        "rank-astronomical",
+        add({"method": "lora", "r": 10**5000, "target_modules": ["q_proj"]}),
+        ConfigValueError,
+        r"r=<an int of 16610 bits> would allocate about 10\^\d+ TiB",
+        r"use a smaller rank",
+    ),
+    case(
+        "rank-5000-digits-in-a-string",
+        add("lora[r=" + "7" * 5000 + "]"),
+        ConfigSyntaxError,
+        r"'lora\[r=7777.*\(5010 characters\): Exceeds the limit",
+        r"values as Python literals",
+    ),
+    case(
+        "rank-5000-digits-in-json",
+        json_config(lambda t: t.replace('"r": 4', '"r": ' + "7" * 5000)),
+        ConfigValueError,
+        r"'r' expects int, got <a number with 5000 digits: 777777777777\.\.\.>",
+        r"expects int",
+    ),
+    case(
+        "rank-too-large-in-json",  # a load allocates nothing for the config: the file's shapes refuse it
+        json_config(lambda t: t.replace('"r": 4', '"r": 1000000000')),
+        StateDictMismatchError,
+        r"checkpoint \(4, 32\) vs adapter \(1000000000, 32\)",
+        r"matches its adapter_config\.json",
+    ),
+    case(
+        "bool-as-string",
+        add("lora[use_rslora='no', target_modules=['q_proj']]"),
+        ConfigValueError,
+        r"'use_rslora' expects bool, got 'no' \(str\)",
+        r"expects bool",
+    ),
+    case(
+        "bool-as-string-in-json",
+        json_config(lambda t: t.replace('"use_rslora": false', '"use_rslora": "no"')),
+        ConfigValueError,
+        r"'use_rslora' expects bool, got 'no' \(str\)",
+        r"expects bool",
+    ),
+    case(
+        "alpha-infinity-in-json",
+        json_config(lambda t: t.replace('"lora_alpha": 8', '"lora_alpha": Infinity')),
+        ConfigValueError,
+        r"'lora_alpha' expects int, got inf \(float\)",
+        r"expects int",
+    ),
+    case(
+        "alpha-overflowing-literal",
+        add("lora[lora_alpha=1e999, target_modules=['q_proj']]"),
+        ConfigValueError,
+        r"'lora_alpha' expects int, got inf",
+        r"expects int",
+    ),
+    case(
+        "alpha-pattern-nan-in-json",
+        json_config(lambda t: t.replace('"alpha_pattern": {}', '"alpha_pattern": {"q_proj": NaN}')),
+        ConfigValueError,
+        r"'alpha_pattern' must hold finite numbers, got \{'q_proj': nan\}",
+        r"use a finite number",
+    ),
+    case(
+        "dropout-nan",
+        add({"method": "lora", "lora_dropout": float("nan"), "target_modules": ["q_proj"]}),
+        ConfigValueError,
+        r"'lora_dropout' must hold finite numbers, got nan",
+        r"use a finite number",
+    ),
+    case(
+        "targets-an-int",
+        add("lora[target_modules=5]"),
+        ConfigValueError,
+        r"'target_modules' expects .*list\[str\].*, got 5 \(int\)",
+        r"expects",
+    ),
+    case(
+        "targets-an-int-in-json",
+        json_config(lambda t: re.sub(r'"target_modules": \[[^\]]*\]', '"target_modules": 5', t)),
+        ConfigValueError,
+        r"'target_modules' expects .*, got 5 \(int\)",
+        r"expects",
+    ),
+    case(
+        "rank-pattern-a-list-in-json",
+        json_config(lambda t: t.replace('"rank_pattern": {}', '"rank_pattern": [1, 2]')),
+        ConfigValueError,
+        r"'rank_pattern' expects Optional\[dict\], got \[1, 2\] \(list\)",
+        r"expects",
+    ),
+    case(
+        "weights-nan",
+        load_variant(tensors=nonfinite_weight(float("nan"))),
+        CheckpointError,
+        r"hold NaN or infinite values \(" + re.escape(A_KEY) + r"\)",
+        r"pass allow_nonfinite=True",
+    ),
+    case(
+        "weights-infinity",
+        load_variant(tensors=nonfinite_weight(float("-inf"))),
+        CheckpointError,
+        r"1 weight tensor\(s\) hold NaN or infinite values",
+        r"pass allow_nonfinite=True",
+    ),
+    case(
+        "name-lone-surrogate",
+        add(GOOD, "a\ud800"),
+        AdapterNameError,
+        r"'a\\ud800' is not valid UTF-8 text",
+        r"folder names",
+    ),
+]
+
+CATALOGUE = CONFIG_STRINGS + TARGETS + NAMES + FILES + HUB + OPERATIONS + HOSTILE
 
 
 def _params(case: Case) -> Any:

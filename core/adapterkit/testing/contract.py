@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import copy
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, ClassVar
@@ -249,6 +250,24 @@ class MethodContract(CompositionContract):
         for i, row in enumerate(rows):
             adapters.set_active([] if row == "__base__" else [row])
             assert self._close(self.run(model, x[i : i + 1]), mixed[i : i + 1]), f"row {i} ({row})"
+
+    def test_per_sample_routes_only_the_thread_that_opened_it(self) -> None:
+        if not self.supports_per_sample:
+            return  # test_per_sample checks the refusal
+        model, x = self.make_model(), self.make_input()[:3]
+        adapters = self.add(model, "one")
+        self.add(model, "two", seed=1)
+        adapters.set_active("one")
+        usual = self.run(model, x)
+        seen: list[torch.Tensor] = []
+        inside = threading.Event()
+        with adapters.per_sample(["two", "__base__", "two"]):
+            inside.set()
+            other = threading.Thread(target=lambda: seen.append(self.run(model, x)))
+            other.start()
+            other.join()
+        assert inside.is_set() and len(seen) == 1
+        assert self._close(seen[0], usual), "another thread's forward must compute the active adapters, unrouted"
 
     def test_delete_restores_the_model(self) -> None:
         model, x = self.make_model(), self.make_input()

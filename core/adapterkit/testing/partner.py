@@ -15,18 +15,19 @@ every environment, the core's alone included.
 
 from __future__ import annotations
 
-import contextlib
+import functools
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import attrs
 import torch
 from torch import nn
 
-from ..errors import PerSampleError, StateDictMismatchError, TargetError, UnsupportedOperationError
+from ..errors import StateDictMismatchError, TargetError, UnsupportedOperationError
 from ..hookspecs import hookimpl
 from ..layers import claim, innermost, owner, positions, walk
+from ..routing import check_rows, replaced_forwards
 
 __all__ = ["NAME", "PartnerConfig", "PartnerLayer", "PartnerPlugin"]
 
@@ -60,7 +61,6 @@ class PartnerLayer(nn.Module):
         self.active: list[str] = []
         self.enabled = True
         self.merged: list[str] = []
-        self.rows: list[str] | None = None
 
     def delta(self, name: str, x: torch.Tensor) -> torch.Tensor:
         return (x @ self.lora_a[name].T) @ self.lora_b[name].T + self.offset[name]
@@ -69,19 +69,18 @@ class PartnerLayer(nn.Module):
         out = self.base_layer(x, *args, **kwargs)
         if not self.enabled or self.merged:
             return out
-        if self.rows is not None:
-            if len(self.rows) != out.shape[0]:
-                raise PerSampleError(f"per_sample was given {len(self.rows)} row names, the batch has {out.shape[0]}")
-            mask = [row in self.offset for row in self.rows]
-            if any(mask):
-                out = out.clone()
-                for i, row in enumerate(self.rows):
-                    if mask[i]:
-                        out[i] = out[i] + self.delta(row, x[i : i + 1])[0]
-            return out
         for name in self.active:
             out = out + self.delta(name, x)
         return out
+
+    def forward_rows(self, rows: list[str], x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        """Row ``i`` through adapter ``rows[i]`` (the base output for rows naming no adapter of this layer)."""
+        out = self.base_layer(x, *args, **kwargs)
+        check_rows(rows, out.shape[0])
+        if not self.enabled or not any(row in self.offset for row in rows):
+            return out
+        deltas = [self.delta(row, x[i : i + 1])[0] if row in self.offset else None for i, row in enumerate(rows)]
+        return torch.stack([o if d is None else o + d for o, d in zip(out, deltas)])
 
 
 class PartnerPlugin:
@@ -213,15 +212,6 @@ class PartnerPlugin:
 
     @hookimpl
     def adapterkit_per_sample(self, model: nn.Module, method: str, rows: Sequence[str]) -> Any:
-        return self._routing(model, list(rows))
-
-    @contextlib.contextmanager
-    def _routing(self, model: nn.Module, rows: list[str]) -> Iterator[None]:
+        # Routing in the thread that opened the block only (adapterkit.routing).
         layers = [layer for *_, layer in self._layers(model)]
-        try:
-            for layer in layers:
-                layer.rows = rows
-            yield
-        finally:
-            for layer in layers:
-                layer.rows = None
+        return replaced_forwards(layers, lambda layer: functools.partial(layer.forward_rows, list(rows)))

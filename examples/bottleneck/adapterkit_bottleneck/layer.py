@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import torch
-from adapterkit import PerSampleError
 from adapterkit.layers import innermost
+from adapterkit.routing import check_rows
 from torch import nn
 
 from .config import BottleneckConfig
@@ -70,7 +70,6 @@ class BottleneckLayer(nn.Module):
         self.bottleneck = nn.ModuleDict()  # adapter name -> Bottleneck
         self.active: list[str] = []
         self.enabled = True
-        self.rows: list[str] | None = None  # set while Adapters.per_sample() routes rows
 
     @property
     def linear(self) -> nn.Linear:
@@ -101,20 +100,18 @@ class BottleneckLayer(nn.Module):
         out = self.base_layer(x, *args, **kwargs)
         if not self.enabled:
             return out
-        if self.rows is not None:
-            return self._forward_rows(x, out, self.rows)
         result = out
         for name in self.active:
             adapter = self.bottleneck[name]
             result = result + adapter(self._source(adapter, x, out)).to(out.dtype)
         return result
 
-    def _forward_rows(self, x: torch.Tensor, out: torch.Tensor, rows: list[str]) -> torch.Tensor:
-        if out.shape[0] != len(rows):
-            raise PerSampleError(
-                f"per_sample was given {len(rows)} row names but the batch has {out.shape[0]} rows; "
-                "pass one adapter name (or '__base__') per row"
-            )
+    def forward_rows(self, rows: list[str], x: torch.Tensor, *args: object, **kwargs: object) -> torch.Tensor:
+        """The forward under ``Adapters.per_sample(rows)``: row ``i`` gets adapter ``rows[i]`` only."""
+        out = self.base_layer(x, *args, **kwargs)
+        if not self.enabled:
+            return out
+        check_rows(rows, out.shape[0])
         result = out
         for name in dict.fromkeys(rows):
             if name not in self.bottleneck:

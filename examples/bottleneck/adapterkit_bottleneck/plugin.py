@@ -8,14 +8,16 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import re
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 from adapterkit import ConfigValueError, StateDictMismatchError, TargetError, hookimpl
 from adapterkit.layers import claim, innermost, owner, positions, walk
+from adapterkit.routing import replaced_forwards
 from torch import nn
 
 from .config import INITS, NONLINEARITIES, PLACEMENTS, BottleneckConfig
@@ -275,18 +277,10 @@ class BottleneckPlugin:
     def adapterkit_per_sample(
         self, model: nn.Module, method: str, rows: Sequence[str]
     ) -> contextlib.AbstractContextManager[None]:
-        return self._routing(model, list(rows))
-
-    @contextlib.contextmanager
-    def _routing(self, model: nn.Module, rows: list[str]) -> Iterator[None]:
+        # For the length of the block, our layers' forwards in this thread route rows;
+        # other threads' forwards on the same model compute the active adapters as usual.
         layers = [site.layer for site in self.sites(model)]
-        try:
-            for layer in layers:
-                layer.rows = rows
-            yield
-        finally:
-            for layer in layers:
-                layer.rows = None
+        return replaced_forwards(layers, lambda layer: functools.partial(layer.forward_rows, list(rows)))
 
     # --8<-- [end:per_sample]
 

@@ -8,8 +8,8 @@ from typing import Any
 
 import torch
 from adapterkit import ConfigValueError, UnsupportedOperationError, hookimpl
-from adapterkit.routing import check_rows, replaced_forwards
-from adapterkit_peft import PeftMethod, has_adapter, routed_heads, rows_without_biases
+from adapterkit.routing import check_rows, replaced_forwards, this_thread_only
+from adapterkit_peft import PeftMethod, check_rows_biases, has_adapter, routed_heads
 from peft import LoraConfig
 from peft.tuners.lora import Linear as LoraLinear
 from peft.tuners.lora import LoraModel
@@ -75,8 +75,8 @@ class LoraMethod(PeftMethod):
                     f"per_sample cannot route LoRA adapters {held} on a peft {kind.__name__} layer: {why}; "
                     "run their rows as batches of their own with set_active"
                 )
+        check_rows_biases(model, self.name, rows)
         with (
-            rows_without_biases(model, self.name, rows),
             # Layers that hold none of the rows' adapters compute the base layer for every row.
             replaced_forwards(idle, lambda layer: layer.base_layer),
             self._routed(layers, rows),
@@ -95,8 +95,9 @@ class LoraMethod(PeftMethod):
             return args, {**kwargs, "adapter_names": rows}
 
         # Other layers (embeddings, convolutions, LoRA variants, training-mode dropout) take peft's mixed-batch path.
+        hook = this_thread_only(route)  # other threads' forwards keep the active adapters
         handles = [
-            layer.register_forward_pre_hook(route, with_kwargs=True) for layer in layers if id(layer) not in chosen
+            layer.register_forward_pre_hook(hook, with_kwargs=True) for layer in layers if id(layer) not in chosen
         ]
         try:
             with replaced_forwards(grouped, lambda layer: _GroupedForward(layer, rows, groups)):

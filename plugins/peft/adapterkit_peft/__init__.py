@@ -10,7 +10,7 @@ This distribution depends on peft; the core (``adapterkit``) never imports it.
 
 from __future__ import annotations
 
-from .bias import AdapterBiases, biases_of, rows_without_biases
+from .bias import AdapterBiases, biases_of, check_rows_biases
 from .creation import empty_weights, layer_passes_skipped
 from .heads import HEAD_PRESETS, routed_heads
 from .layers import LayerSite, adapter_tensors, adapters_held, has_adapter, place
@@ -25,11 +25,11 @@ __all__ = [
     "adapter_tensors",
     "adapters_held",
     "biases_of",
+    "check_rows_biases",
     "empty_weights",
     "has_adapter",
     "layer_passes_skipped",
     "place",
     "routed_heads",
-    "rows_without_biases",
     "stack_aware",
 ]

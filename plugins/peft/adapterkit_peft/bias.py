@@ -9,8 +9,10 @@ its training and its files, and makes the biases part of the adapter:
   biases of the layers the adapter adapts (keys as peft writes them, e.g.
   ``proj.base_layer.bias`` and ``head.bias``);
 * the adapter's values are in the model while it is active and adapters are
-  enabled; otherwise the original biases are (``disable()``,
-  ``set_active([])`` and the rows of other adapters compute the base model);
+  enabled; otherwise the original biases are (``disable()`` and
+  ``set_active([])`` compute the base model);
+* ``per_sample`` refuses rows of such an adapter, and blocks of its method while
+  it is active: the biases are shared by every row and thread;
 * ``delete`` puts the original values (and ``requires_grad``) back: the base
   model comes back exactly;
 * they train (``requires_grad``) exactly when the adapter's own weights do;
@@ -22,9 +24,8 @@ an optimiser built over them keeps working across switches.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -42,7 +43,7 @@ __all__ = [
     "check_one_bias_adapter",
     "forget_adapter_biases",
     "new_adapter_biases",
-    "rows_without_biases",
+    "check_rows_biases",
 ]
 
 # Model attribute: {adapter name: AdapterBiases}, for every peft-based method.
@@ -216,26 +217,27 @@ def _bias_of(module: nn.Module) -> torch.Tensor | None:
     return None
 
 
-@contextlib.contextmanager
-def rows_without_biases(model: nn.Module, method: str, rows: Sequence[str]) -> Iterator[None]:
-    """For a per-sample block of ``method``: refuse rows of an adapter that trains biases, and keep its
-    biases out of the other rows (the block ignores the active set)."""
-    states = [state for state in biases_of(model).values() if state.method == method]
-    named = [state.name for state in states if state.name in rows]
-    if named:
-        state = next(s for s in states if s.name == named[0])
-        raise UnsupportedOperationError(
-            f"per_sample cannot route adapter {state.name!r}: it trains base biases (bias={state.option!r}), which "
-            "every row of a batch shares; run its rows as a batch of their own with set_active"
-        )
-    applied = [state for state in states if state.applied]
-    for state in applied:
-        state.remove()
-    try:
-        yield
-    finally:
-        for state in applied:
-            state.apply()
+def check_rows_biases(model: nn.Module, method: str, rows: Sequence[str]) -> None:
+    """Before a per-sample block of ``method``: refuse where base biases an adapter trains would reach rows.
+
+    Biases are the model's own parameters, shared by every row and every thread; a block routes
+    rows in its own thread only, so it cannot take them out of some rows. Refused: rows of such an
+    adapter, and any block while one is active (its biases are in the model then).
+    """
+    for state in biases_of(model).values():
+        if state.method != method:
+            continue
+        if state.name in rows:
+            raise UnsupportedOperationError(
+                f"per_sample cannot route adapter {state.name!r}: it trains base biases (bias={state.option!r}), "
+                "which every row of a batch shares; run its rows as a batch of their own with set_active"
+            )
+        if state.applied:
+            raise UnsupportedOperationError(
+                f"per_sample cannot run while adapter {state.name!r} is active: it trains base biases "
+                f"(bias={state.option!r}), which are in the model for every row and thread while it is; "
+                f"set_active() without {state.name!r} first"
+            )
 
 
 def new_adapter_biases(

@@ -27,6 +27,7 @@ from typing import Any
 import torch
 from adapterkit import AdapterStateError
 from adapterkit.layers import claim
+from adapterkit.routing import this_thread_only
 from peft.tuners.tuners_utils import BaseTunerLayer
 from peft.utils import ModulesToSaveWrapper
 from torch import nn
@@ -220,7 +221,8 @@ def routed_heads(model: nn.Module, rows: Sequence[str]) -> Iterator[None]:
         def route(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], routed: list[str] = routed) -> Any:
             return args, {**kwargs, "adapter_names": routed}
 
-        handles.append(site.wrapper.register_forward_pre_hook(route, with_kwargs=True))
+        # Only in the thread that opened the block: other threads' forwards keep the active heads.
+        handles.append(site.wrapper.register_forward_pre_hook(this_thread_only(route), with_kwargs=True))
     try:
         yield
     finally:

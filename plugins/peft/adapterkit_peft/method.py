@@ -52,7 +52,7 @@ from .heads import (
 from .quantized import keep_quantized_weights, restore_quantized_weights
 from .stacking import stack_aware
 from .state import check_state_dict, without_saved_base_weights
-from .validation import merge_errors, peft_errors, validate_peft_config, warn_unmatched_patterns
+from .validation import check_memory, merge_errors, peft_errors, validate_peft_config, warn_unmatched_patterns
 
 __all__ = ["PeftMethod"]
 
@@ -217,6 +217,8 @@ class PeftMethod:
         if empty and self.direct_load and self._inject_direct(model, method, name, config):
             self._upcast_on_load(model, name, autocast_adapter_dtype)
             return
+        if not empty:
+            check_memory(method, name, config, model)  # a load's weights are empty: only an add allocates them
         # peft's tuner retouches layers and the requires_grad of every method's adapters
         cache = model.__dict__.get(_CACHE, {})
         for key in [k for k in cache if isinstance(k, tuple)]:

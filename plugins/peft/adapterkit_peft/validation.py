@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import math
+import os
 import re
 import warnings
 from collections.abc import Callable, Iterator, Sequence
@@ -11,8 +13,12 @@ from typing import Any
 import torch
 from adapterkit import ConfigValueError, TargetError, UnsupportedOperationError
 from peft.utils.error import NoMatchingPeftModuleError
+from torch import nn
 
-__all__ = ["merge_errors", "peft_errors", "validate_peft_config", "warn_unmatched_patterns"]
+__all__ = ["check_memory", "merge_errors", "peft_errors", "validate_peft_config", "warn_unmatched_patterns"]
+
+# Config keys that set the rank of the weights peft allocates (AdaLoRA allocates init_r).
+_RANK_KEYS = ("r", "init_r")
 
 
 def validate_peft_config(method: str, config: Any) -> None:
@@ -66,6 +72,104 @@ def validate_peft_config(method: str, config: Any) -> None:
             f"{method} config key 'bias'={bias!r} is not an option peft knows: 'none', 'all' (train every bias of "
             f"the model) or '{method}_only' (the biases of the adapted layers)"
         )
+
+
+def check_memory(method: str, name: str, config: Any, model: nn.Module) -> None:
+    """Refuse, before anything is allocated, ranks whose weights would not fit in the memory available.
+
+    The bytes are estimated from the layers the config may target (``target_modules`` by
+    peft's matching rule; every layer when it is left to peft) and each one's rank (``r``,
+    or the ``rank_pattern`` entry matching the layer): ``rank * (out + in)`` values per layer,
+    an upper bound of what peft creates. Raises :class:`~adapterkit.ConfigValueError` naming
+    the key and value when the total exceeds the memory available on the layers' device.
+    """
+    ranks = {key: value for key in _RANK_KEYS if isinstance(value := getattr(config, key, None), int)}
+    if not ranks:
+        return  # a method without ranks (IA3): its weights are the size of a layer's features
+    rank_key, rank = max(ranks.items(), key=lambda item: item[1])
+    patterns = dict(getattr(config, "rank_pattern", None) or {})
+    targets = getattr(config, "target_modules", None)
+    needed: dict[torch.device, int] = {}
+    driver: dict[torch.device, tuple[int, str, str]] = {}  # the largest layer per device, and the key behind it
+    for key, module in model.named_modules():
+        weight = getattr(module, "weight", None)
+        if not isinstance(weight, torch.Tensor) or weight.dim() < 2 or weight.is_meta or not _targeted(key, targets):
+            continue
+        pattern = _matching_pattern(patterns, key)
+        layer_rank, source = (
+            (patterns[pattern], f"rank_pattern[{pattern!r}]={_short(patterns[pattern])}") if pattern is not None
+            and isinstance(patterns[pattern], int) else (rank, f"{rank_key}={_short(rank)}")
+        )
+        size = max(torch.get_default_dtype().itemsize, weight.element_size())
+        count = layer_rank * (weight.shape[0] + math.prod(weight.shape[1:])) * size
+        needed[weight.device] = needed.get(weight.device, 0) + count
+        if count > driver.get(weight.device, (0, "", ""))[0]:
+            driver[weight.device] = (count, key, source)
+    for device, total in needed.items():
+        free = _available(device)
+        if free is not None and total > free:
+            _, key, source = driver[device]
+            raise ConfigValueError(
+                f"{method} adapter {name!r}: config key {source} would allocate about {_human(total)} of adapter "
+                f"weights on {device} (the most for {key!r}), more than the {_human(free)} available; "
+                "use a smaller rank"
+            )
+
+
+def _targeted(key: str, targets: Any) -> bool:
+    """Whether peft may target module ``key`` (its matching rule, without layers_to_transform: an upper bound)."""
+    if not key:
+        return False
+    if targets is None or targets == "all-linear":
+        return True
+    if isinstance(targets, str):
+        return re.fullmatch(targets, key) is not None
+    return any(key == target or key.endswith(f".{target}") for target in targets)
+
+
+def _available(device: torch.device) -> int | None:
+    """Bytes of memory available on ``device`` now; None when unknown."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    if device.type != "cpu":
+        return None
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def _human(count: int) -> str:
+    for unit in ("bytes", "KiB", "MiB", "GiB"):
+        if count < 1024:
+            return f"{count} {unit}"
+        count //= 1024
+    # Past 4300 digits Python will not print an int: give its order of magnitude from its bits.
+    return f"{count} TiB" if count < 10**6 else f"10^{int(count.bit_length() * math.log10(2))} TiB"
+
+
+def _short(number: int) -> str:
+    return str(number) if number.bit_length() < 64 else f"<an int of {number.bit_length()} bits>"
+
+
+def _matching_pattern(patterns: dict[str, Any], key: str) -> str | None:
+    """The first ``rank_pattern`` key that peft applies to module ``key`` (peft's get_pattern_key rule)."""
+    for pattern in patterns:
+        try:
+            if re.match(rf"(.*\.)?({pattern})$", key):
+                return pattern
+        except re.error as exc:
+            raise ConfigValueError(
+                f"config key 'rank_pattern' has {pattern!r}, which is not a valid regular expression ({exc}); fix it"
+            ) from None
+    return None
 
 
 @contextlib.contextmanager
