@@ -64,19 +64,31 @@ def innermost(module: nn.Module) -> nn.Module:
     return module
 
 
-def walk(model: nn.Module) -> Iterator[tuple[str, nn.Module, str, nn.Module]]:
+def walk(
+    model: nn.Module, keep: Callable[[nn.Module], bool] | None = None
+) -> Iterator[tuple[str, nn.Module, str, nn.Module]]:
     """``(logical path, parent, attr, module)`` for every module below ``model``, parents before children.
 
     ``getattr(parent, attr) is module``. A wrapper is followed into its ``base_layer``
     only (which keeps the wrapper's logical path); what it holds for its adapters is
     never entered, so the walk costs the same with 1 or 100 adapters loaded.
+
+    :param keep: wrappers whose ``base_layer`` hop stays in the path. peft keys an
+        adapter's layers by their path with that adapter alone on the model, hops of
+        its own wrappers included: where one of its layers nests another of the same
+        adapter inside its base (peft's ``MultiheadAttention`` layer and its ``out_proj``),
+        the inner keys read ``mha.base_layer.out_proj.…``.
     """
     stack: list[tuple[str, nn.Module]] = [("", model)]
     while stack:
         path, module = stack.pop()
         if owner(module) is not None:
             base = module._modules.get("base_layer")
-            children = [(path, "base_layer", base)] if base is not None else []
+            if keep is not None and keep(module):
+                base_path = f"{path}.base_layer" if path else "base_layer"
+            else:
+                base_path = path
+            children = [(base_path, "base_layer", base)] if base is not None else []
         else:
             children = [
                 (f"{path}.{attr}" if path else attr, attr, child)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import llama_input, make_llama, run
+from conftest import llama_input, make_llama, make_mlp, mlp_input, run
 from peft import PeftModel
 from safetensors.torch import load_file
 
@@ -117,3 +117,40 @@ def test_delete_every_adapter_gives_back_the_original_model():
     assert str(model) == str(make_llama())
     x = llama_input()
     assert torch.equal(run(model, x), run(make_llama(), x))
+
+
+def test_lora_biases_stay_out_of_other_methods_rows_and_keys(tmp_path):
+    """A LoRA adapter that trains base biases (bias='all') beside IA3 on the same layers: IA3's rows and
+    checkpoint never see those biases; a bias key under another method's wrapper keeps its own path."""
+    model = make_mlp()
+    x = mlp_input()
+    base = run(model, x)
+    adapters = adapterkit.attach(model)
+    torch.manual_seed(5)
+    adapters.add("ia3[target_modules=['blocks.0.0', 'head'], feedforward_modules=[], init_ia3_weights=False]", "ia")
+    adapters.add("lora[target_modules=['blocks.0.0'], bias='all', init_lora_weights=False]", "lo")
+    with torch.no_grad():  # as if trained: the biases the LoRA adapter owns move
+        for name, param in model.named_parameters():
+            if name.endswith("bias") and param.requires_grad:
+                param.add_(0.25)
+    adapters.save(tmp_path)
+    saved = load_file(tmp_path / "lo" / "adapter_model.safetensors")
+    # blocks.0.0 is wrapped by LoRA (its key has LoRA's base_layer hop), head by IA3 only (no hop: as alone)
+    assert {"base_model.model.blocks.0.0.base_layer.bias", "base_model.model.head.bias"} <= saved.keys()
+
+    ia_alone = make_mlp()
+    torch.manual_seed(5)
+    adapterkit.attach(ia_alone).add(
+        "ia3[target_modules=['blocks.0.0', 'head'], feedforward_modules=[], init_ia3_weights=False]", "ia"
+    )
+    adapters.set_active(["lo", "ia"])
+    rows = ["ia", "__base__", "ia", "__base__", "ia"]
+    with adapters.per_sample(rows):
+        out = run(model, x)
+    only_ia = run(ia_alone, x)
+    for i, row in enumerate(rows):
+        assert torch.equal(out[i], (only_ia if row == "ia" else base)[i])
+    loaded = make_mlp()
+    adapterkit.attach(loaded).load(tmp_path / "lo", "lo")
+    adapters.set_active("lo")
+    assert torch.equal(run(model, x), run(loaded, x))

@@ -180,6 +180,26 @@ def with_dora(w: World) -> None:
     w.adapters.add("lora[r=2, target_modules=['q_proj'], use_dora=True, init_lora_weights=False]", "dora")
 
 
+def with_bias(w: World) -> None:
+    """The plain MLP with ``one`` (LoRA on blocks.0.0) and ``biased`` (bias='lora_only' on embed, its bias
+    trained a little), ``one`` active."""
+    adapters = w.attach()
+    torch.manual_seed(16)
+    adapters.add("lora[r=2, target_modules=['blocks.0.0'], init_lora_weights=False]", "one")
+    adapters.add("lora[r=2, target_modules=['embed'], bias='lora_only', init_lora_weights=False]", "biased")
+    with torch.no_grad():
+        w.model.embed.base_layer.bias.add_(0.5)
+    adapters.set_active("one")
+
+
+def grouped_conv(w: World) -> None:
+    """A LoRA adapter on a linear layer (merged first) and on a grouped convolution (peft cannot merge into it)."""
+    w.model = nn.Sequential(nn.Linear(7, 7), nn.Conv1d(4, 8, 3, groups=2), nn.Flatten(), nn.Linear(8 * 5, 3)).eval()
+    w.x = torch.randn(3, 4, 7, generator=torch.Generator().manual_seed(2))
+    torch.manual_seed(17)
+    w.attach().add("lora[target_modules=['0', '1'], init_lora_weights=False]", "one")
+
+
 def with_ia3(w: World) -> None:
     two(w)
     torch.manual_seed(13)
@@ -457,11 +477,20 @@ CONFIG_STRINGS = [
         r"e\.g\. target_modules=\['q_proj', 'v_proj'\]",
     ),
     case(
-        "bias-unsupported",
-        add("lora[bias='all', target_modules=['q_proj']]"),
+        "bias-unknown-option",
+        add("lora[bias='every', target_modules=['q_proj']]"),
         ConfigValueError,
-        r"'bias'='all'",
-        r"use 'none'",
+        r"'bias'.*got 'every'",
+        r"Literal\['none', 'all', 'lora_only'\]",
+    ),
+    case(
+        "bias-second-adapter",
+        add("lora[bias='all', target_modules=['v_proj']]"),
+        ConfigValueError,
+        r"adapter 'biased' \(lora\) already trains the base biases",
+        r"Delete 'biased' first, or use bias='none'",
+        setup=with_bias,
+        model="mlp",
     ),
     case(
         "trainable-tokens-unsupported",
@@ -1138,6 +1167,23 @@ OPERATIONS = [
         r"\['dora'\]",
         r"does not support DoRA",
         setup=with_dora,
+    ),
+    case(
+        "per-sample-bias-adapter",
+        per_sample(["biased", "one", "__base__", "one", "biased"]),
+        UnsupportedOperationError,
+        r"adapter 'biased'.*bias='lora_only'",
+        r"run its rows as a batch of their own",
+        setup=with_bias,
+        model="mlp",
+    ),
+    case(
+        "merge-peft-cannot",
+        call("merge"),
+        UnsupportedOperationError,
+        r"into layer '1' \(NotImplementedError: Merging is not supported for _ConvNd layers with groups > 1",
+        r"nothing is merged, the model is as it was",
+        setup=grouped_conv,
     ),
     case(
         "per-sample-ia3-wrong-length",

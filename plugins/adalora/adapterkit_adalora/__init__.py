@@ -79,7 +79,7 @@ from adapterkit import (
     hookimpl,
 )
 from adapterkit.routing import check_rows, replaced_forwards
-from adapterkit_peft import PeftMethod, empty_weights, routed_heads
+from adapterkit_peft import PeftMethod, check_rows_biases, empty_weights, routed_heads
 from peft import AdaLoraConfig
 from peft.tuners.adalora import AdaLoraModel
 from peft.tuners.adalora.layer import RankAllocator
@@ -315,6 +315,7 @@ class AdaLoraMethod(PeftMethod):
     @contextlib.contextmanager
     def _per_sample(self, model: nn.Module, rows: list[str]) -> Iterator[None]:
         layers = list(self.layers(model))
+        check_rows_biases(model, self.name, rows)
         with replaced_forwards(layers, lambda layer: _RoutedForward(layer, rows)), routed_heads(model, rows):
             yield
 

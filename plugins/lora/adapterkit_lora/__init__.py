@@ -9,10 +9,12 @@ from typing import Any
 import torch
 from adapterkit import ConfigValueError, UnsupportedOperationError, hookimpl
 from adapterkit.routing import check_rows, replaced_forwards, this_thread_only
-from adapterkit_peft import PeftMethod, routed_heads
+from adapterkit_peft import PeftMethod, check_rows_biases, has_adapter, routed_heads
 from peft import LoraConfig
 from peft.tuners.lora import Linear as LoraLinear
 from peft.tuners.lora import LoraModel
+from peft.tuners.lora.layer import MultiheadAttention as LoraMultiheadAttention
+from peft.tuners.lora.layer import ParamWrapper
 from torch import nn
 from torch.nn import functional as F
 
@@ -41,15 +43,49 @@ class LoraMethod(PeftMethod):
                     )
 
     @hookimpl
+    def adapterkit_inject(
+        self, model: nn.Module, method: str, name: str, config: Any, empty: bool, autocast_adapter_dtype: bool = True
+    ) -> None:
+        super().adapterkit_inject(model, method, name, config, empty, autocast_adapter_dtype)
+        for layer in self.layers(model):
+            if isinstance(layer, LoraMultiheadAttention) and "forward" not in layer.__dict__:
+                layer.__dict__["forward"] = _ExactBaseForward(layer)
+
+    @hookimpl
     def adapterkit_per_sample(self, model: nn.Module, method: str, rows: Sequence[str]) -> Any:
         return self._per_sample(model, list(rows))
 
     @contextlib.contextmanager
     def _per_sample(self, model: nn.Module, rows: list[str]) -> Iterator[None]:
-        layers = self.layers(model)
+        named = [row for row in dict.fromkeys(rows) if row != "__base__"]
+        layers, idle = [], []
+        for layer in self.layers(model):
+            (layers if any(has_adapter(layer, row) for row in named) else idle).append(layer)
         dora = sorted({row for layer in layers for row in rows if layer.use_dora.get(row, False)})
         if dora:
             raise UnsupportedOperationError(f"per_sample does not support DoRA adapters ({dora}); peft cannot mix them")
+        for kind, why in (
+            (LoraMultiheadAttention, "it merges the adapter into the attention weights for each call"),
+            (ParamWrapper, "an adapted nn.Parameter (target_parameters) is one weight for the whole batch"),
+        ):
+            found = [layer for layer in layers if isinstance(layer, kind)]
+            if found:
+                held = sorted({row for layer in found for row in named if has_adapter(layer, row)})
+                raise UnsupportedOperationError(
+                    f"per_sample cannot route LoRA adapters {held} on a peft {kind.__name__} layer: {why}; "
+                    "run their rows as batches of their own with set_active"
+                )
+        check_rows_biases(model, self.name, rows)
+        with (
+            # Layers that hold none of the rows' adapters compute the base layer for every row.
+            replaced_forwards(idle, lambda layer: layer.base_layer),
+            self._routed(layers, rows),
+            routed_heads(model, rows),
+        ):
+            yield
+
+    @contextlib.contextmanager
+    def _routed(self, layers: list[nn.Module], rows: list[str]) -> Iterator[None]:
         groups = _row_groups(rows)
         grouped = [layer for layer in layers if _GroupedForward.fits(layer, groups)]
         chosen = set(map(id, grouped))
@@ -64,11 +100,39 @@ class LoraMethod(PeftMethod):
             layer.register_forward_pre_hook(hook, with_kwargs=True) for layer in layers if id(layer) not in chosen
         ]
         try:
-            with replaced_forwards(grouped, lambda layer: _GroupedForward(layer, rows, groups)), routed_heads(model, rows):
+            with replaced_forwards(grouped, lambda layer: _GroupedForward(layer, rows, groups)):
                 yield
         finally:
             for handle in handles:
                 handle.remove()
+
+
+class _ExactBaseForward:
+    """peft's MultiheadAttention LoRA forward, with the base weights put back exactly afterwards.
+
+    peft's layer merges its adapters into the attention weights for each call and subtracts them
+    again after, registering the result as new parameters: the base weights move by float rounding
+    on the first call. The layer's original parameter objects (never written by that merge) are
+    put back instead, so disable(), delete() and the base rows compute the base model exactly.
+    """
+
+    def __init__(self, layer: LoraMultiheadAttention) -> None:
+        self.layer = layer
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        layer = self.layer
+        if layer.merged:  # merged by adapterkit's merge(): peft's forward leaves the weights alone
+            return type(layer).forward(layer, *args, **kwargs)
+        attention = layer.get_base_layer()
+        owners = [(attention, "in_proj_weight"), (attention.out_proj.get_base_layer(), "weight")]
+        kept = [(owner, attr, owner._parameters.get(attr)) for owner, attr in owners]
+        try:
+            return type(layer).forward(layer, *args, **kwargs)
+        finally:
+            if not layer.merged:
+                for owner, attr, param in kept:
+                    if param is not None and attr in owner._parameters:
+                        owner._parameters[attr] = param
 
 
 def _row_groups(rows: Sequence[str]) -> list[tuple[str, slice | torch.Tensor]]:

@@ -10,19 +10,24 @@ This distribution depends on peft; the core (``adapterkit``) never imports it.
 
 from __future__ import annotations
 
+from .bias import AdapterBiases, biases_of, check_rows_biases
 from .creation import empty_weights, layer_passes_skipped
 from .heads import HEAD_PRESETS, routed_heads
-from .layers import LayerSite, adapter_tensors, adapters_held, place
+from .layers import LayerSite, adapter_tensors, adapters_held, has_adapter, place
 from .method import PeftMethod
 from .stacking import stack_aware
 
 __all__ = [
+    "AdapterBiases",
     "HEAD_PRESETS",
     "LayerSite",
     "PeftMethod",
     "adapter_tensors",
     "adapters_held",
+    "biases_of",
+    "check_rows_biases",
     "empty_weights",
+    "has_adapter",
     "layer_passes_skipped",
     "place",
     "routed_heads",

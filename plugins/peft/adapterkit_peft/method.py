@@ -4,18 +4,26 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import json
 import warnings
 from collections.abc import Sequence
 from typing import Any
 
 import torch
-from adapterkit import UnsupportedOperationError, hookimpl
+from adapterkit import ConfigValueError, UnsupportedOperationError, hookimpl
 from adapterkit.layers import claim, owner, positions, walk
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
 from ._peft import ExcludedModule, bare_tuner, convert_config_for_transformers
+from .bias import (
+    bias_option,
+    biases_of,
+    check_one_bias_adapter,
+    forget_adapter_biases,
+    new_adapter_biases,
+)
 from .creation import empty_weights, layer_passes_skipped
 from .layers import (
     LayerSite,
@@ -44,7 +52,7 @@ from .heads import (
 from .quantized import keep_quantized_weights, restore_quantized_weights
 from .stacking import stack_aware
 from .state import check_state_dict, without_saved_base_weights
-from .validation import check_memory, peft_errors, validate_peft_config, warn_unmatched_patterns
+from .validation import check_memory, merge_errors, peft_errors, validate_peft_config, warn_unmatched_patterns
 
 __all__ = ["PeftMethod"]
 
@@ -52,6 +60,30 @@ __all__ = ["PeftMethod"]
 # requires_grad set_active has not applied yet, (method, "params"): {name: [parameters]}}.
 _CACHE = "_adapterkit_peft_layers"
 _UNSET = object()
+
+
+class _BaseTensors:
+    """References (no copies) to the parameters of a layer's base modules, to undo a merge exactly.
+
+    peft's safe merge never writes into the tensors it replaces: it assigns new ``.data`` (or,
+    for MultiheadAttention, new tensors in place of the parameters), so the old ones still hold
+    the values from before the merge.
+    """
+
+    def __init__(self, layer: BaseTunerLayer) -> None:
+        self.saved = [
+            (module, dict(module._parameters), {n: p.data for n, p in module._parameters.items() if p is not None})
+            for module in layer.get_base_layer().modules()
+        ]
+
+    def restore(self) -> None:
+        for module, params, data in self.saved:
+            for attr in params:
+                module.__dict__.pop(attr, None)  # a merged tensor set in place of the parameter
+            module._parameters.clear()
+            module._parameters.update(params)
+            for attr, tensor in data.items():
+                params[attr].data = tensor
 
 
 class PeftMethod:
@@ -102,7 +134,7 @@ class PeftMethod:
         """
         found = [
             LayerSite(path, parent, attr, module)
-            for path, parent, attr, module in walk(model)
+            for path, parent, attr, module in walk(model, None if name is None else self._holds(name))
             if owner(module) == self.name
             and isinstance(module, BaseTunerLayer)
             and (name is None or has_adapter(module, name))
@@ -157,6 +189,13 @@ class PeftMethod:
     ) -> None:
         prepare_heads(config)
         heads = getattr(config, "modules_to_save", None)
+        check_one_bias_adapter(model, method, name, config)
+        if heads and bias_option(config) != "none":
+            raise ConfigValueError(
+                f"{method} adapter {name!r}: bias={bias_option(config)!r} together with modules_to_save={heads!r} "
+                "(or a task_type's heads) is not supported by adapterkit yet: peft would also save the heads' "
+                "original biases; use bias='none', or no heads"
+            )
         if heads:
             config.modules_to_save = None  # adapterkit wraps the heads itself (heads.py), for both ways of injecting
         try:
@@ -169,6 +208,8 @@ class PeftMethod:
         if heads:
             sites = add_heads(model, self.name, name, config)
             warn_untied(model, method, name, config, sites)
+        if bias_option(config) != "none":
+            new_adapter_biases(model, self.name, name, config, self.sites(model, name))
 
     def _inject(
         self, model: nn.Module, method: str, name: str, config: Any, empty: bool, autocast_adapter_dtype: bool
@@ -223,6 +264,7 @@ class PeftMethod:
             or getattr(config, "use_dora", False)  # DoRA's magnitude is computed from the base weight
             or getattr(config, "ensure_weight_tying", False)
             or getattr(config, "target_modules_to_tie", None)
+            or getattr(config, "target_parameters", None)  # peft adapts parameters in a pass of its own
         )
 
     def _inject_direct(self, model: nn.Module, method: str, name: str, config: Any) -> bool:
@@ -271,6 +313,15 @@ class PeftMethod:
                         claim(layer, self.name)
                         layers.append(layer)
                     sites.append(LayerSite(key, parent, attr, layer))
+                    # Layers the new one nests in its base (MultiheadAttention adapts its out_proj too); claimed
+                    # as they are met, so that the walk then treats them as the wrappers they are.
+                    for path, inner_parent, inner_attr, inner in walk(layer, self._holds(name)):
+                        mine = owner(inner) in (None, self.name)
+                        if isinstance(inner, BaseTunerLayer) and mine and has_adapter(inner, name):
+                            if owner(inner) is None:
+                                claim(inner, self.name)
+                                layers.append(inner)
+                            sites.append(LayerSite(f"{key}.{path}", inner_parent, inner_attr, inner))
         warn_unmatched_patterns(config, [site.logical for site in sites])
         follow_training_mode(sites, name)
         cache.setdefault((self.name, "fresh"), set()).add(name)
@@ -303,6 +354,9 @@ class PeftMethod:
                 param.requires_grad = flag
         cache[(self.name, "trainable")] = wanted
         set_active_heads(model, self.name, names, trainable, cache)
+        for state in biases_of(model).values():
+            if state.method == self.name:
+                state.update(active=state.name in names, trainable=state.name in wanted)
 
     def _parameters(self, model: nn.Module, name: str) -> list[nn.Parameter]:
         """The parameters of adapter ``name`` in this method's layers (cached until they are replaced)."""
@@ -320,6 +374,7 @@ class PeftMethod:
             layer.enable_adapters(True)
         enable_heads(model, self.name, True, model.__dict__.setdefault(_CACHE, {}))
         model.__dict__.get(_CACHE, {}).pop((self.name, "trainable"), None)  # peft changed requires_grad
+        self._enable_biases(model, True)
 
     @hookimpl
     def adapterkit_disable(self, model: nn.Module, method: str) -> None:
@@ -327,6 +382,12 @@ class PeftMethod:
             layer.enable_adapters(False)
         enable_heads(model, self.name, False, model.__dict__.setdefault(_CACHE, {}))
         model.__dict__.get(_CACHE, {}).pop((self.name, "trainable"), None)
+        self._enable_biases(model, False)
+
+    def _enable_biases(self, model: nn.Module, enabled: bool) -> None:
+        for state in biases_of(model).values():
+            if state.method == self.name:
+                state.update(enabled=enabled)
 
     # -- state ------------------------------------------------------------------------
     def file_key(self, suffix: str) -> str:
@@ -346,7 +407,8 @@ class PeftMethod:
     def adapterkit_extract_state(self, model: nn.Module, method: str, name: str) -> dict[str, torch.Tensor]:
         state = {key: getattr(owner, leaf).detach() for key, (_, owner, leaf) in self._expected(model, name).items()}
         state.update(head_state(model, name))
-        return state
+        biases = biases_of(model).get(name)
+        return state if biases is None else {**state, **biases.state()}
 
     @hookimpl
     def adapterkit_load_state(
@@ -354,6 +416,10 @@ class PeftMethod:
     ) -> None:
         expected = self._expected(model, name)
         heads = head_state(model, name)  # the head copies' keys are the modules' own (classifier.weight)
+        biases = biases_of(model).get(name)
+        if biases is not None:
+            biases.load(state_dict)
+            state_dict = {key: value for key, value in state_dict.items() if key not in biases.entries}
         state_dict = without_saved_base_weights(expected, state_dict, method, name)
         check_state_dict({**expected, **{k: (None, v, "data") for k, v in heads.items()}}, state_dict, method, name)
         if heads:
@@ -399,16 +465,34 @@ class PeftMethod:
                 "cannot merge into layers offloaded by accelerate (weights on the meta device): "
                 f"{sorted(set(offloaded_layers))[:5]}; merge before dispatching, or dispatch the model to one device first"
             )
-        for layer in self.layers(model):
-            present = [n for n in names if has_adapter(layer, n)]
-            if present:
-                keep_quantized_weights(layer)  # unmerge puts them back: exact, where peft requantizes
-                layer.merge(adapter_names=present)
+        layers = self.layers(model)
+        merged_before = [(layer, list(layer.merged_adapters)) for layer in layers]
+        done: list[tuple[BaseTunerLayer, bool, _BaseTensors]] = []
+        try:
+            for layer in layers:
+                # Not those merged already: a layer merges the ones it nests (MultiheadAttention's out_proj).
+                present = [n for n in names if has_adapter(layer, n) and n not in layer.merged_adapters]
+                if present:
+                    saved = _BaseTensors(layer)
+                    # unmerge puts the quantized weights back: exact, where peft requantizes
+                    done.append((layer, keep_quantized_weights(layer), saved))
+                    with merge_errors(method, present, functools.partial(self._path, model, layer)):
+                        # safe_merge: peft computes each merged tensor aside and checks it before it writes
+                        layer.merge(safe_merge=True, adapter_names=present)
+        except BaseException:
+            # Put back the base tensors of the layers merged before the refusal: the model exactly as it was.
+            for layer, quantized, saved in reversed(done):
+                if not (quantized and restore_quantized_weights(layer)):
+                    saved.restore()
+            for layer, merged in merged_before:
+                layer.merged_adapters = merged
+            raise
 
     @hookimpl
     def adapterkit_unmerge(self, model: nn.Module, method: str, names: Sequence[str]) -> None:
         taken = set(names)
         for layer in self.layers(model):
+            # (an outer layer unmerges the ones it nests, MultiheadAttention's out_proj: layers() lists it first)
             merged = list(layer.merged_adapters)
             if not taken.intersection(merged):
                 continue
@@ -426,11 +510,20 @@ class PeftMethod:
     def adapterkit_layer_adapters(self, model: nn.Module, method: str, layer: nn.Module) -> list[str]:
         return adapters_held(layer)
 
+    def _holds(self, name: str) -> Any:
+        """``walk``'s ``keep``: this method's wrappers holding adapter ``name`` (their hops are in its keys)."""
+        return lambda wrapper: owner(wrapper) == self.name and has_adapter(wrapper, name)
+
+    def _path(self, model: nn.Module, layer: BaseTunerLayer) -> str:
+        return next((site.logical for site in self.sites(model) if site.layer is layer), type(layer).__name__)
+
     @hookimpl
     def adapterkit_delete(self, model: nn.Module, method: str, name: str) -> None:
         delete_heads(model, name)
         model.__dict__.get(_CACHE, {}).pop(HEADS_KEY, None)
-        for site in self.sites(model, name):
+        forget_adapter_biases(model, name)
+        # Innermost first: a layer nested in another's base is unwrapped before its outer layer is.
+        for site in reversed(self.sites(model, name)):
             with warnings.catch_warnings():
                 # peft picks a new active adapter and says so; the core re-applies its own active set.
                 warnings.filterwarnings("ignore", message="Adapter .* was active which is now deleted")
@@ -439,4 +532,3 @@ class PeftMethod:
                 # Unwrap: put back the module this layer replaced.
                 setattr(site.parent, site.attr, site.layer.base_layer)
         self.forget(model)
-

@@ -28,15 +28,19 @@ def is_quantized(module: nn.Module) -> bool:
     return type(getattr(module, "weight", None)).__module__.startswith("bitsandbytes")
 
 
-def keep_quantized_weights(layer: Any) -> None:
-    """Before a merge into ``layer``: remember its base layer's quantized weight (once, for the first merge)."""
+def keep_quantized_weights(layer: Any) -> bool:
+    """Before a merge into ``layer``: remember its base layer's quantized weight (once, for the first merge).
+
+    Returns whether it did so now (then :func:`restore_quantized_weights` undoes this merge exactly).
+    """
     base = layer.get_base_layer()
     if not is_quantized(base) or _KEPT in layer.__dict__:
-        return
+        return False
     bias = base.bias.detach().clone() if getattr(base, "bias", None) is not None else None
     # 8-bit layers keep the int8 weight and its scales in a matmul state that forwards and merges update in place.
     state = copy.copy(base.state) if getattr(base, "state", None) is not None else None
     layer.__dict__[_KEPT] = (base.weight, bias, state)
+    return True
 
 
 def restore_quantized_weights(layer: Any) -> bool:

@@ -7,15 +7,15 @@ import math
 import os
 import re
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
-from adapterkit import ConfigValueError, TargetError
+from adapterkit import ConfigValueError, TargetError, UnsupportedOperationError
 from peft.utils.error import NoMatchingPeftModuleError
 from torch import nn
 
-__all__ = ["check_memory", "peft_errors", "validate_peft_config", "warn_unmatched_patterns"]
+__all__ = ["check_memory", "merge_errors", "peft_errors", "validate_peft_config", "warn_unmatched_patterns"]
 
 # Config keys that set the rank of the weights peft allocates (AdaLoRA allocates init_r).
 _RANK_KEYS = ("r", "init_r")
@@ -59,10 +59,6 @@ def validate_peft_config(method: str, config: Any) -> None:
             f"{method} config key 'modules_to_save' must be a list of module names, got {heads!r}; "
             "e.g. modules_to_save=['classifier']"
         )
-    if getattr(config, "target_parameters", None):
-        raise ConfigValueError(
-            f"{method} config key 'target_parameters' is not supported by adapterkit yet; use target_modules"
-        )
     dropout = getattr(config, "lora_dropout", 0.0)
     if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0 <= dropout <= 1:
         # peft replaces a dropout <= 0 by no dropout: a negative one would pass silently.
@@ -71,9 +67,10 @@ def validate_peft_config(method: str, config: Any) -> None:
             "e.g. lora_dropout=0.05"
         )
     bias = getattr(config, "bias", "none")
-    if bias != "none":
+    if bias not in ("none", "all") and not (isinstance(bias, str) and bias.endswith("_only")):
         raise ConfigValueError(
-            f"{method} config key 'bias'={bias!r} is not supported (base biases would be saved); use 'none'"
+            f"{method} config key 'bias'={bias!r} is not an option peft knows: 'none', 'all' (train every bias of "
+            f"the model) or '{method}_only' (the biases of the adapted layers)"
         )
 
 
@@ -192,6 +189,21 @@ def peft_errors(method: str, name: str) -> Iterator[None]:
             f"{method} adapter {name!r}: the config does not fit peft ({type(exc).__name__}: {exc}); "
             "check the types of its values"
         ) from None
+
+
+@contextlib.contextmanager
+def merge_errors(method: str, names: Sequence[str], where: Callable[[], str]) -> Iterator[None]:
+    """What peft raises when it cannot merge into a layer (a grouped convolution, ``lora_bias`` without a base
+    bias, a broken adapter) as :class:`~adapterkit.UnsupportedOperationError`; ``where()`` names the layer."""
+    try:
+        yield
+    except torch.OutOfMemoryError:
+        raise
+    except (NotImplementedError, RuntimeError, ValueError, TypeError) as exc:
+        raise UnsupportedOperationError(
+            f"{method} adapters {list(names)}: peft cannot merge them into layer {where()!r} "
+            f"({type(exc).__name__}: {exc}); nothing is merged, the model is as it was. Use the adapter unmerged."
+        ) from exc
 
 
 def warn_unmatched_patterns(config: Any, targeted: Sequence[str]) -> None:
