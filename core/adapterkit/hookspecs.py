@@ -134,7 +134,7 @@ def adapterkit_inject(
 
 @hookspec(firstresult=True)
 def adapterkit_set_active(
-    model: nn.Module, method: str, names: Sequence[str], trainable: Sequence[str]
+    model: nn.Module, method: str, names: Sequence[str], trainable: Sequence[str], weights: Sequence[float] | None
 ) -> None:
     """Make exactly ``names`` the active adapters of ``method``; others of the method go inactive.
 
@@ -146,6 +146,11 @@ def adapterkit_set_active(
     :param names: this method's adapters that take part in the forward pass, in order.
     :param trainable: the subset of ``names`` whose parameters get ``requires_grad=True``;
         every other parameter of this method's adapters gets ``requires_grad=False``.
+    :param weights: one scale per name (``set_active(names, weights=...)``: each adapter's
+        contribution multiplied by its weight, as diffusers' ``set_adapters``), or ``None``
+        for weight 1 everywhere. Optional argument: a plugin whose implementation does not
+        take ``weights`` makes weighted ``set_active`` raise
+        :class:`~adapterkit.UnsupportedOperationError` for its adapters.
     """
 
 
@@ -370,4 +375,66 @@ def adapterkit_regularization(model: nn.Module, method: str, names: Sequence[str
     :param names: this method's adapters being trained (trainable, active, adapters
         enabled), in order; never empty.
     :returns: a scalar tensor that carries gradients to the adapters, or ``None`` for no term.
+    """
+
+
+@hookspec(firstresult=True)
+def adapterkit_swap(model: nn.Module, method: str, name: str, config: Any, state_dict: dict[str, torch.Tensor]) -> None:
+    """Replace adapter ``name``'s weights (and config) with ``state_dict`` in place (hot-swap).
+
+    Optional. Called by :meth:`~adapterkit.Adapters.swap`. Write the new values into the
+    tensors the adapter already has (keeping their identity, so a ``torch.compile``d model
+    does not recompile), or raise :class:`~adapterkit.UnsupportedOperationError` naming
+    what differs when that cannot be done (e.g. other targets, a larger rank than prepared).
+    The adapter keeps its name, activity and trainability. Without this hook, the core swaps
+    by deleting the adapter and loading the new one under the same name.
+
+    :param model: the model.
+    :param method: the registered method name.
+    :param name: an adapter of this method, not merged.
+    :param config: the new adapter's config (validated).
+    :param state_dict: its tensors, keys as from :func:`adapterkit_extract_state`.
+    """
+
+
+@hookspec(firstresult=True)
+def adapterkit_prepare_compiled(
+    model: nn.Module, method: str, max_rank: int | None, targets: Sequence[str] | None, max_adapters: int | None
+) -> None:
+    """Make switching among this method's adapters free of recompilation under ``torch.compile``.
+
+    Optional. Called by :meth:`~adapterkit.Adapters.prepare_compiled` for every method that
+    implements it, before or after adapters are loaded. Afterwards ``set_active`` (with or
+    without weights), ``swap`` and ``per_sample`` must change only tensor *values* the
+    forward reads, never Python attributes, module structure or tensor shapes, for adapters
+    within the declared limits; an adapter beyond them raises
+    :class:`~adapterkit.UnsupportedOperationError` naming the limit.
+
+    :param model: the model.
+    :param method: the registered method name.
+    :param max_rank: the largest rank any adapter will have (smaller ones are padded).
+    :param targets: module names every adapter will target at most (their union), or
+        ``None`` for the targets of the adapters loaded so far.
+    :param max_adapters: how many adapters of this method can be resident at once.
+    """
+
+
+@hookspec(firstresult=True)
+def adapterkit_combine(
+    model: nn.Module, method: str, names: Sequence[str], weights: Sequence[float], how: str, options: dict[str, Any]
+) -> tuple[Any, dict[str, torch.Tensor]]:
+    """Build a new adapter from a weighted combination of adapters ``names`` (peft's ``add_weighted_adapter``).
+
+    Optional. Called by :meth:`~adapterkit.Adapters.combine`; the core then loads the result
+    as a new adapter. Raise :class:`~adapterkit.ConfigValueError` for a ``how`` or option
+    the method does not offer, naming the ones it does.
+
+    :param model: the model.
+    :param method: the registered method name.
+    :param names: adapters of this method, two or more.
+    :param weights: one weight per name.
+    :param how: the combination (``"linear"``, ``"cat"``, ``"svd"``, ``"ties"``, ...).
+    :param options: further keyword arguments of ``combine`` (e.g. ``density``, ``svd_rank``).
+    :returns: the new adapter's config and its tensors, keys as from
+        :func:`adapterkit_extract_state`.
     """

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import math
 import threading
 import weakref
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -71,6 +72,7 @@ class _Record:
         self.registry = registry
         self.adapters: dict[str, _Adapter] = {}
         self.active: list[str] = []
+        self.weights: dict[str, float] = {}  # set_active(weights=): active adapters whose weight is not 1
         self.merged: list[str] = []
         self.enabled = True
         self.method_list: list[Method] | None = None  # the methods in use (see Adapters._methods)
@@ -195,6 +197,7 @@ class Adapters:
     registry = _in_record("registry")
     _adapters = _in_record("adapters")
     _active = _in_record("active")
+    _weights = _in_record("weights")
     _merged = _in_record("merged")
     _enabled = _in_record("enabled")
     _method_list = _in_record("method_list")
@@ -300,7 +303,41 @@ class Adapters:
         for method in self._methods():
             names = [n for n in self._active if self._adapters[n].method == method]
             trainable = [n for n in names if self._adapters[n].trainable] if self._enabled else []
-            self._call(method, "adapterkit_set_active", names=names, trainable=trainable)
+            weights = [self._weights.get(n, 1.0) for n in names] if any(n in self._weights for n in names) else None
+            self._call(method, "adapterkit_set_active", names=names, trainable=trainable, weights=weights)
+
+    def _check_weights(self, names: list[str], weights: Sequence[float] | Mapping[str, float] | None) -> dict[str, float]:
+        """``set_active``'s weights as {name: weight} for those not 1; typed errors for the rest."""
+        if weights is None:
+            return {}
+        if isinstance(weights, Mapping):
+            unknown = [n for n in weights if n not in names]
+            if unknown:
+                raise AdapterNameError(f"set_active: weights name {unknown}, which are not among the names {names}")
+            values = [weights.get(n, 1.0) for n in names]
+        elif isinstance(weights, (str, bytes)) or not isinstance(weights, Sequence):
+            raise ConfigValueError(
+                f"set_active: weights must be a list of numbers (one per name) or a dict name -> weight, got {weights!r}"
+            )
+        else:
+            values = list(weights)
+            if len(values) != len(names):
+                raise ConfigValueError(
+                    f"set_active: {len(values)} weights for {len(names)} adapters {names}; pass one weight per name"
+                )
+        found = {}
+        for name, value in zip(names, values):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise ConfigValueError(f"set_active: the weight of {name!r} is {value!r}; weights are finite numbers")
+            if value != 1.0:
+                found[name] = float(value)
+        for method in {self._adapters[n].method for n in found}:
+            if not self.registry.accepts(method, "adapterkit_set_active", "weights"):
+                raise UnsupportedOperationError(
+                    f"set_active: method {method.name!r} (plugin {method.plugin_name!r}) does not support weights; "
+                    f"weigh only adapters of methods that do, or pass weights=None"
+                )
+        return found
 
     # -- adding --------------------------------------------------------------
     @serialised
@@ -342,6 +379,7 @@ class Adapters:
         offload_folder: str | PathLike[str] | None = None,
         offload_index: dict[str, Any] | None = None,
         autocast_adapter_dtype: bool = True,
+        activate: bool = True,
     ) -> str:
         """Load a saved adapter (peft format) from a local folder or a Hub repo and make it the only active one.
 
@@ -373,6 +411,9 @@ class Adapters:
         :param autocast_adapter_dtype: on a float16/bfloat16 model, keep the adapter's
             weights in float32 (the default, as peft's ``from_pretrained`` does, for
             inference loads too); ``False`` casts them to the dtype of the layers they adapt.
+        :param activate: ``False`` loads the adapter without changing the active set (it
+            stays inactive; a server loads the next adapter beside live traffic this way).
+            Such a load may run while ``per_sample`` blocks are open.
         :returns: the name.
         """
         placement = {"max_memory": max_memory, "offload_folder": offload_folder, "offload_index": offload_index}
@@ -382,21 +423,60 @@ class Adapters:
             self._dispatcher()  # fail before loading when no dispatch plugin is installed
         name = DEFAULT_NAME if name is None else name
         self._check_new_name(name)
+        method_found, config, tensors = self._read(
+            source,
+            name,
+            subfolder=subfolder,
+            revision=revision,
+            token=token,
+            cache_dir=cache_dir,
+            local_files_only=local_files_only,
+            allow_pickle=allow_pickle,
+            config=config,
+            state_dict=state_dict,
+            method=method,
+            allow_nonfinite=allow_nonfinite,
+        )
+        self._attach(
+            name,
+            method_found,
+            config,
+            state_dict=tensors,
+            trainable=is_trainable,
+            autocast_adapter_dtype=autocast_adapter_dtype,
+            activate=activate,
+        )
+        if device_map is not None:
+            try:
+                self.dispatch(device_map, **placement)
+            except BaseException:
+                # The dispatch plugin checks before it changes anything: drop the adapter, as a failed load does.
+                with contextlib.suppress(Exception):
+                    self.delete(name)
+                raise
+        return name
+
+    def _read(
+        self,
+        source: str | PathLike[str] | None,
+        name: str,
+        *,
+        config: Any = None,
+        state_dict: Mapping[str, torch.Tensor] | None = None,
+        method: str | None = None,
+        allow_nonfinite: bool = False,
+        operation: str = "load",
+        **where: Any,
+    ) -> tuple[Method, Any, dict[str, torch.Tensor]]:
+        """An adapter's method, validated config and tensors (keys without peft's prefix), from files or given.
+
+        ``where``: :func:`adapterkit.files.resolve`'s arguments (``subfolder``, ``revision``, ...).
+        """
         metadata: dict[str, str] = {}
         if config is None or state_dict is None:
             if source is None:
-                raise CheckpointError("load() needs a source unless both config= and state_dict= are given")
-            found = files.resolve(
-                source,
-                subfolder=subfolder,
-                revision=revision,
-                token=token,
-                cache_dir=cache_dir,
-                local_files_only=local_files_only,
-                allow_pickle=allow_pickle,
-                need_config=config is None,
-                need_weights=state_dict is None,
-            )
+                raise CheckpointError(f"{operation}() needs a source unless both config= and state_dict= are given")
+            found = files.resolve(source, **where, need_config=config is None, need_weights=state_dict is None)
             if state_dict is None:
                 state_dict, metadata = files.read_weights(found.weights)
             if config is None:
@@ -422,25 +502,154 @@ class Adapters:
         method_found, config = resolve_config(config, self.registry, method_name=method)
         if method is not None and method_found is not self.registry.get(method):
             raise ConfigValueError(
-                f"load(method={method!r}) contradicts the config, which is a {method_found.name!r} config; "
+                f"{operation}(method={method!r}) contradicts the config, which is a {method_found.name!r} config; "
                 "pass one of them"
             )
-        self._attach(
-            name,
-            method_found,
-            config,
-            state_dict=tensors,
-            trainable=is_trainable,
-            autocast_adapter_dtype=autocast_adapter_dtype,
+        return method_found, config, tensors
+
+    @serialised
+    def swap(
+        self, source_or_state_dict: str | PathLike[str] | Mapping[str, torch.Tensor], name: str, **load_kwargs: Any
+    ) -> None:
+        """Replace adapter ``name``'s weights with those of another saved adapter (hot-swap), in place.
+
+        The adapter keeps its name, activity, weight and trainability; with the method's
+        support (LoRA, IA3), its tensors keep their identity, so a ``torch.compile``d model
+        runs on without recompiling (see :meth:`prepare_compiled` for ranks and targets
+        that differ). Without it, the adapter is deleted and the new one loaded under
+        the same name.
+
+        :param source_or_state_dict: a folder or Hub repo id (as for :meth:`load`), or a
+            state dict (keys as :meth:`state_dict` returns them, with or without peft's
+            prefix); a state dict alone keeps the adapter's config unless ``config=`` is given.
+        :param name: an attached adapter, not merged.
+        :param load_kwargs: :meth:`load`'s ``revision``, ``token``, ``subfolder``,
+            ``cache_dir``, ``local_files_only``, ``config``, ``method``, ``allow_pickle``,
+            ``allow_nonfinite``.
+        :raises UnsupportedOperationError: the new adapter does not fit in place (other
+            targets, a rank above the prepared maximum), naming what differs; nothing changes.
+        """
+        allowed = {"revision", "token", "subfolder", "cache_dir", "local_files_only", "config", "method", "allow_pickle", "allow_nonfinite"}
+        unknown = sorted(set(load_kwargs) - allowed)
+        if unknown:
+            raise TypeError(f"swap() got unexpected arguments {unknown}; it takes {sorted(allowed)}")
+        adapter = self._get(name)
+        if name in self._merged:
+            raise AdapterStateError(f"cannot swap adapter {name!r} while it is merged; unmerge() first")
+        self._blocks.refuse(f"swap adapter {name!r}", [name])
+        if isinstance(source_or_state_dict, Mapping):
+            source, state_dict = None, source_or_state_dict
+            if load_kwargs.get("config") is None:
+                load_kwargs["config"] = config_to_dict(adapter.config, self.registry) | {"method": adapter.method.name}
+        else:
+            source, state_dict = source_or_state_dict, None
+        method, config, tensors = self._read(source, name, state_dict=state_dict, operation="swap", **load_kwargs)
+        if method is not adapter.method:
+            raise ConfigValueError(
+                f"cannot swap adapter {name!r} ({adapter.method.name}) for a {method.name!r} adapter; "
+                "swap replaces weights of the same method: delete() and load() instead"
+            )
+        if self.registry.implements(method, "adapterkit_swap"):
+            self._call(method, "adapterkit_swap", name=name, config=config, state_dict=tensors)
+            adapter.config = config
+            return
+        self._replace(name, config, tensors)
+
+    def _replace(self, name: str, config: Any, tensors: dict[str, torch.Tensor]) -> None:
+        """Swap without the plugin's help: delete, then load under the same name; the old adapter back on failure."""
+        adapter = self._adapters[name]
+        old = {key: value.clone() for key, value in self._call(adapter.method, "adapterkit_extract_state", name=name).items()}
+        active, weights = list(self._active), dict(self._weights)
+        self.delete(name)
+        try:
+            self._attach(name, adapter.method, config, state_dict=tensors, trainable=adapter.trainable, activate=False)
+        except BaseException:
+            self._attach(name, adapter.method, adapter.config, state_dict=old, trainable=adapter.trainable, activate=False)
+            raise
+        finally:
+            # The adapter's place in the names' order is its new one; activity and weight are as before.
+            self._active, self._weights = active, weights
+            self._apply_active()
+
+    @serialised
+    def prepare_compiled(
+        self, *, max_rank: int | None = None, targets: Sequence[str] | None = None, max_adapters: int | None = None
+    ) -> None:
+        """Make switching adapters free of recompilation on a ``torch.compile``d model; call it before compiling.
+
+        Afterwards ``set_active`` (weights included), :meth:`swap` and ``per_sample`` among
+        adapters within the declared limits change only tensor values the compiled graph
+        reads: one compile serves any number of adapters. Adapters loaded later join as
+        long as they fit; one that does not raises :class:`UnsupportedOperationError`
+        naming the limit.
+
+        :param max_rank: the largest rank of any adapter to come (LoRA); smaller ranks are
+            padded with zeros. Default: the largest rank loaded so far.
+        :param targets: module names (as in ``target_modules``) the adapters to come may
+            target, their union; ``None``: the layers adapted so far.
+        :param max_adapters: how many adapters may be resident at once; default: the
+            budget's ``max_adapters`` (see :meth:`limit`), else the number loaded now (at least 8).
+        """
+        for key, value in (("max_rank", max_rank), ("max_adapters", max_adapters)):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ConfigValueError(f"prepare_compiled: {key}={value!r}; pass a positive integer or None")
+        if targets is not None and (isinstance(targets, str) or not all(isinstance(t, str) for t in targets)):
+            raise ConfigValueError(f"prepare_compiled: targets={targets!r}; pass a list of module names")
+        methods = [m for m in self._methods() if self.registry.implements(m, "adapterkit_prepare_compiled")]
+        if not methods:
+            raise UnsupportedOperationError(
+                "prepare_compiled: no method in use on this model supports compiled switching "
+                f"(in use: {[m.name for m in self._methods()] or 'none'}; add or load a LoRA or IA3 adapter first)"
+            )
+        for method in methods:
+            self._call(
+                method,
+                "adapterkit_prepare_compiled",
+                max_rank=max_rank,
+                targets=None if targets is None else list(targets),
+                max_adapters=max_adapters,
+            )
+
+    @serialised
+    def combine(
+        self, names: Sequence[str], weights: Sequence[float], name: str, how: str = "linear", **options: Any
+    ) -> str:
+        """Add a new adapter ``name`` built from a weighted combination of ``names`` (peft's ``add_weighted_adapter``).
+
+        The new adapter is inactive (``set_active(name)`` to use it) and trainable, as an
+        added one is; it saves and loads as any other.
+
+        :param names: adapters of one method.
+        :param weights: one weight per name.
+        :param how: ``"linear"``, ``"cat"``, ``"svd"``, ``"ties"``, ``"ties_svd"``,
+            ``"dare_linear"``, ``"dare_ties"``, ``"dare_linear_svd"``, ``"dare_ties_svd"``,
+            ``"magnitude_prune"``, ``"magnitude_prune_svd"`` (LoRA; see the method's docs).
+        :param options: the combination's settings: ``svd_rank``, ``svd_clamp``,
+            ``svd_full_matrices``, ``density``, ``majority_sign_method``.
+        :returns: the name.
+        """
+        items = self._names_list(names, "combine")
+        self._check_new_name(name)
+        if isinstance(weights, (str, bytes)) or not isinstance(weights, Sequence) or len(weights) != len(items):
+            raise ConfigValueError(f"combine: pass one weight per adapter ({len(items)} names), got weights={weights!r}")
+        for adapter_name, value in zip(items, weights):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise ConfigValueError(f"combine: the weight of {adapter_name!r} is {value!r}; weights are finite numbers")
+        methods = {self._adapters[n].method for n in items}
+        if len(methods) != 1:
+            raise ConfigValueError(
+                f"combine: {items} are adapters of several methods ({sorted(m.name for m in methods)}); combine one method's"
+            )
+        method = methods.pop()
+        if not self.registry.implements(method, "adapterkit_combine"):
+            raise UnsupportedOperationError(
+                f"combine: method {method.name!r} (plugin {method.plugin_name!r}) does not support combining adapters"
+            )
+        config, tensors = self._call(
+            method, "adapterkit_combine", names=items, weights=[float(w) for w in weights], how=how, options=dict(options)
         )
-        if device_map is not None:
-            try:
-                self.dispatch(device_map, **placement)
-            except BaseException:
-                # The dispatch plugin checks before it changes anything: drop the adapter, as a failed load does.
-                with contextlib.suppress(Exception):
-                    self.delete(name)
-                raise
+        method_found, config = resolve_config(config, self.registry, method_name=method.name)
+        self._attach(name, method_found, config, state_dict=dict(tensors), trainable=True, activate=False)
         return name
 
     def _dispatcher(self) -> Any:
@@ -493,12 +702,14 @@ class Adapters:
         state_dict: dict[str, torch.Tensor] | None,
         trainable: bool,
         autocast_adapter_dtype: bool = True,
+        activate: bool = True,
     ) -> None:
         if self._merged:
             raise AdapterStateError(f"cannot attach {name!r} while {self._merged} are merged; unmerge() first")
-        self._blocks.refuse(f"add or load adapter {name!r} (it would become active)")
+        if activate:
+            self._blocks.refuse(f"add or load adapter {name!r} (it would become active; load(..., activate=False) would not)")
         snapshot = Snapshot(self.model, self._adapters)
-        previous_active = self._active
+        previous_active, previous_weights = self._active, self._weights
         if not self._adapters:
             for param in self.model.parameters():
                 param.requires_grad_(False)
@@ -516,7 +727,8 @@ class Adapters:
                 self._call(method, "adapterkit_load_state", name=name, state_dict=state_dict)
             self._adapters[name] = _Adapter(name, method, config, trainable)
             self._method_list = None
-            self._active = [name]
+            if activate:
+                self._active, self._weights = [name], {}
             if not self._enabled:
                 # New layers start enabled: while adapters are disabled, the new adapter is too.
                 self._call(method, "adapterkit_disable")
@@ -524,7 +736,7 @@ class Adapters:
         except BaseException:
             self._adapters.pop(name, None)
             self._method_list = None
-            self._active = previous_active
+            self._active, self._weights = previous_active, previous_weights
             self._rollback(method, name, snapshot)
             raise
 
@@ -538,19 +750,29 @@ class Adapters:
 
     # -- activity ------------------------------------------------------------
     @serialised
-    def set_active(self, names: str | Sequence[str]) -> None:
-        """Make exactly ``names`` active (across methods; ``[]`` deactivates all)."""
+    def set_active(
+        self, names: str | Sequence[str], weights: Sequence[float] | Mapping[str, float] | None = None
+    ) -> None:
+        """Make exactly ``names`` active (across methods; ``[]`` deactivates all).
+
+        :param weights: one scale per name (a list, or a dict name -> weight; names left
+            out weigh 1): each adapter's contribution is multiplied by its weight, as with
+            diffusers' ``set_adapters``. For LoRA the weight multiplies the adapter's
+            scaling. ``None`` (the default) weighs every adapter 1. Methods whose plugin
+            does not support weights raise :class:`UnsupportedOperationError`.
+        """
         items = self._names_list(names, "set_active") if names != [] else []
         if self._merged:
             raise AdapterStateError(f"cannot change the active adapters while {self._merged} are merged; unmerge() first")
-        previous = self._active
-        self._active = items
+        found = self._check_weights(items, weights)
+        previous, previous_weights = self._active, self._weights
+        self._active, self._weights = items, found
         try:
             self._apply_active()
         except BaseException:
             # A plugin refused the new set (e.g. two active adapters with their own copy of one head):
             # the old set is the state, on every method's layers too.
-            self._active = previous
+            self._active, self._weights = previous, previous_weights
             with contextlib.suppress(Exception):
                 self._apply_active()
             raise
@@ -739,6 +961,7 @@ class Adapters:
         del self._adapters[name]
         self._method_list = None
         self._active = [n for n in self._active if n != name]
+        self._weights.pop(name, None)
         self._apply_active()
 
     # -- training --------------------------------------------------------------

@@ -210,6 +210,10 @@ class MethodRegistry:
         """Whether the plugin owning ``method`` implements ``hook``."""
         return bool(self._caller(method, hook).get_hookimpls())
 
+    def accepts(self, method: Method, hook: str, argument: str) -> bool:
+        """Whether the plugin owning ``method`` implements ``hook`` taking ``argument`` (an optional argument)."""
+        return any(argument in impl.argnames for impl in self._caller(method, hook).get_hookimpls())
+
     def claims(self, config: Mapping[str, Any], metadata: Mapping[str, str], keys: Sequence[str]) -> list[Method]:
         """The methods whose plugins claim a saved adapter (``adapterkit_claim_checkpoint``), in plugin order."""
         found: list[Method] = []
