@@ -34,9 +34,10 @@ Functions and which are compile-safe
   shapes), BGMV-style: each row's adapter weights are gathered (``index_select``)
   and applied with batched matmuls.
 * The same functions with ``slots`` a :class:`RowPlan` (from :func:`plan_rows`, built
-  once per ``per_sample`` block, not per layer call): **eager only**. The plan holds
-  the row grouping (distinct slots, one-hot rows, row groups) and the function picks
-  the fastest algorithm for the input's shape (see :func:`choose`).
+  once per ``per_sample`` block, not per layer call): **eager only** (the grouping is
+  data-dependent: a Python loop over the distinct adapters). :func:`choose` picks
+  SGMV-style grouping (one matmul pair per distinct adapter on its rows, rows sorted
+  by adapter) for up to 8 distinct adapters, the BGMV gather above that.
 * :func:`lora_delta_active`, :func:`ia3_active`, :func:`ia3_active_vector`: the
   active set (``K`` adapters applied to every row), **compile-safe**; ``K`` is a shape,
   so pad the active set to a fixed ``K`` with weight-0 entries to switch among sets
@@ -46,7 +47,8 @@ Arithmetic and dtypes follow peft (inference: dropout is the identity; call
 peft's own forward while a dropout is active in training mode):
 
 * LoRA: the input is cast to ``A_bank.dtype`` and the delta is returned in that
-  dtype; the caller adds it as peft does, ``result + delta.to(result.dtype)``. The
+  dtype; the caller adds it as peft does (mixed batch: ``result + delta.to(result.dtype)``;
+  active set: ``(result + delta).to(result.dtype)``). The
   scale is applied in rank space (``B((A x) * s)``) where peft applies it after
   ``B`` (``B(A x) * s``): equal up to float rounding (<= 1e-6 relative in float32).
 * IA3: see :func:`ia3_rows` for the ``cast`` / ``out_dtype`` arguments that
@@ -79,15 +81,12 @@ __all__ = [
 BASE = -1
 """The slot of a row that uses no adapter (peft's ``"__base__"``)."""
 
-Algorithm = Literal["none", "single", "dense", "gather", "grouped"]
+Algorithm = Literal["none", "grouped", "gather", "dense"]
 
-# Eager algorithm choice (measured on CPU, bench/kernels_micro.py): for few distinct adapters one
-# matmul pair over the distinct adapters' stacked ranks ("dense") beats gathering per-row weights;
-# its FLOPs grow with the number of distinct adapters, the gather's copy with the number of rows.
-_DENSE_MAX_DISTINCT = 8
-# Many tokens per row (prefill): one matmul pair per distinct adapter on its rows ("grouped", SGMV)
-# beats per-row gathered bmm once each group holds enough tokens to amortise the call overhead.
-_GROUPED_MIN_TOKENS = 256
+# Eager algorithm choice, measured on CPU (bench/kernels_micro.py --layers): one matmul pair per
+# distinct adapter ("grouped") costs a few small ops per adapter; gathering each row's weights
+# ("gather") costs a copy of one adapter per row. Up to this many distinct adapters grouping wins.
+_GROUPED_MAX_DISTINCT = 8
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -98,22 +97,27 @@ class RowPlan:
         slots: ``LongTensor [B]``, each row's slot (:data:`BASE` for none).
         distinct: the distinct non-base slots, in order of first appearance (``K`` of them).
         distinct_t: ``distinct`` as a ``LongTensor [K]``.
+        order: ``LongTensor [M]``, the non-base rows grouped by slot (stable): group ``k`` is
+            ``order[groups[k][1]]``.
+        groups: ``(slot, positions)`` per distinct slot, ``positions`` a slice of ``order``.
+        identity: ``order`` is ``arange(B)`` (no base row, each adapter's rows contiguous and in
+            first-appearance order): the grouped path then needs no copies of rows.
         onehot: ``float32 [B, K]``: row ``b`` has a 1 at its slot's position in ``distinct``
             (all zeros for a base row).
         gather_index: ``slots`` with base rows pointed at slot 0 (masked by ``row_mask``).
         row_mask: ``float32 [B]``: 0 for base rows, 1 otherwise.
-        groups: ``(slot, rows)`` per distinct slot; ``rows`` is a slice when the rows are
-            contiguous, else a ``LongTensor``.
         has_base: whether any row is a base row.
     """
 
     slots: torch.Tensor
     distinct: tuple[int, ...]
     distinct_t: torch.Tensor
+    order: torch.Tensor
+    groups: tuple[tuple[int, slice], ...]
+    identity: bool
     onehot: torch.Tensor
     gather_index: torch.Tensor
     row_mask: torch.Tensor
-    groups: tuple[tuple[int, slice | torch.Tensor], ...]
     has_base: bool
 
     @property
@@ -138,56 +142,64 @@ def plan_rows(
         if isinstance(value, bool) or not isinstance(value, int) or value < BASE or (
             capacity is not None and value >= capacity
         ):
-            limit = f"{capacity - 1}" if capacity is not None else "the bank's last slot"
+            last = capacity - 1 if capacity is not None else "the bank's last slot"
             raise ArgumentValueError(
-                f"row slot {value!r} is not a slot number; pass integers from 0 to {limit}, or {BASE} (BASE) "
-                "for a row without adapter"
+                f"row slot {value!r} is not a slot number; pass integers from 0 to {last}, "
+                f"or {BASE} (BASE) for a row without adapter"
             )
-    distinct = tuple(dict.fromkeys(value for value in values if value != BASE))
-    position = {slot: index for index, slot in enumerate(distinct)}
-    onehot = torch.zeros(len(values), len(distinct))
-    members: dict[int, list[int]] = {slot: [] for slot in distinct}
+    members: dict[int, list[int]] = {}
     for row, value in enumerate(values):
         if value != BASE:
-            onehot[row, position[value]] = 1.0
-            members[value].append(row)
-    groups = tuple(
-        (slot, slice(rows[0], rows[-1] + 1) if rows[-1] - rows[0] + 1 == len(rows) else torch.tensor(rows, device=device))
-        for slot, rows in members.items()
-    )
+            members.setdefault(value, []).append(row)
+    distinct = tuple(members)
+    order, groups = [], []
+    for slot, rows in members.items():
+        groups.append((slot, slice(len(order), len(order) + len(rows))))
+        order += rows
+    onehot = torch.zeros(len(values), len(distinct))
+    for k, rows in enumerate(members.values()):
+        onehot[rows, k] = 1.0
     slots_t = torch.tensor(values, dtype=torch.long, device=device)
     return RowPlan(
         slots=slots_t,
         distinct=distinct,
         distinct_t=torch.tensor(distinct, dtype=torch.long, device=device),
+        order=torch.tensor(order, dtype=torch.long, device=device),
+        groups=tuple(groups),
+        identity=order == list(range(len(values))),
         onehot=onehot.to(device),
         gather_index=slots_t.clamp(min=0),
         row_mask=(slots_t != BASE).float(),
-        groups=groups,
         has_base=BASE in values,
     )
 
 
-def choose(plan: RowPlan, tokens_per_row: int) -> Algorithm:
-    """The algorithm :func:`lora_delta_rows` uses for ``plan`` and rows of ``tokens_per_row`` tokens.
+def choose(plan: RowPlan, tokens_per_row: int = 1) -> Algorithm:
+    """The algorithm :func:`lora_delta_rows` uses for ``plan`` (eager).
 
     * ``"none"``: every row is a base row (the delta is zero).
-    * ``"single"``: one adapter for every row: the active-set path (one matmul pair).
-    * ``"dense"``: few distinct adapters: one matmul pair over their stacked ranks, each
-      row's other adapters masked out (FLOPs x K, no per-row copies).
-    * ``"gather"``: BGMV: each row's weights gathered, batched matmuls (copy x rows).
-    * ``"grouped"``: SGMV: one matmul pair per distinct adapter on its rows (prefill).
+    * ``"grouped"`` (SGMV): one matmul pair per distinct adapter on its rows, taken as
+      one slice each of the rows sorted by adapter (no copies when they already are).
+      Its cost grows with the number of distinct adapters (a few small ops each).
+    * ``"gather"`` (BGMV): each row's weights gathered from the banks, batched matmuls.
+      Its cost grows with the number of rows (a copy of one adapter per row).
+    * ``"dense"`` (never chosen; measured slower, kept for benchmarks): every row through
+      all distinct adapters' stacked ranks, the others masked out.
+
+    ``tokens_per_row`` is accepted for future shape rules; the measured crossover
+    depends on the number of distinct adapters only (decode and prefill alike).
     """
     k = len(plan.distinct)
     if k == 0:
         return "none"
-    if k == 1 and not plan.has_base:
-        return "single"
-    if tokens_per_row * plan.rows // k >= _GROUPED_MIN_TOKENS:
-        return "grouped"
-    if k <= _DENSE_MAX_DISTINCT:
-        return "dense"
-    return "gather"
+    return "grouped" if k <= _GROUPED_MAX_DISTINCT else "gather"
+
+
+def _check_plan(plan: RowPlan, batch: int) -> None:
+    if plan.rows != batch:
+        raise ArgumentValueError(
+            f"the row plan has {plan.rows} rows but the batch has {batch}; build the plan from one slot per row"
+        )
 
 
 # -- LoRA ------------------------------------------------------------------------------
@@ -210,11 +222,12 @@ def lora_delta_rows(
         x: ``[B, ..., in]`` (any dtype; cast to ``A_bank.dtype``).
         A_bank, B_bank, scale: the layer's banks (module docstring).
         slots: ``LongTensor [B]`` (compile-safe: always the BGMV gather), or a
-            :class:`RowPlan` (eager: the algorithm :func:`choose` picks for the shape).
+            :class:`RowPlan` (eager: the algorithm :func:`choose` picks).
         algorithm: force an algorithm with a plan (benchmarks, tests).
 
     Returns:
-        ``[B, ..., out]`` in ``A_bank.dtype``; add it as ``result + delta.to(result.dtype)``.
+        ``[B, ..., out]`` in ``A_bank.dtype``; add it as peft's mixed batch does,
+        ``result + delta.to(result.dtype)`` (the delta cast first).
     """
     batch = x.shape[0]
     x3 = x.reshape(batch, -1, x.shape[-1]).to(A_bank.dtype)
@@ -222,19 +235,19 @@ def lora_delta_rows(
         row_scale = scale.index_select(0, slots.clamp(min=0)) * (slots != BASE)
         delta = _gather(x3, A_bank, B_bank, slots.clamp(min=0), row_scale)
     else:
-        chosen = algorithm or choose(slots, x3.shape[1])
+        _check_plan(slots, batch)
+        chosen = (algorithm or choose(slots, x3.shape[1])) if slots.distinct else "none"
         if chosen == "none":
             delta = x3.new_zeros(*x3.shape[:2], B_bank.shape[1])
-        elif chosen == "single":
-            delta = _stacked(x3, A_bank, B_bank, slots.distinct_t, scale.index_select(0, slots.distinct_t))
-        elif chosen == "dense":
-            delta = _dense_rows(x3, A_bank, B_bank, scale, slots)
-        elif chosen == "gather":
-            delta = _gather(x3, A_bank, B_bank, slots.gather_index, scale.index_select(0, slots.gather_index) * slots.row_mask)
         elif chosen == "grouped":
             delta = _grouped(x3, A_bank, B_bank, scale, slots)
+        elif chosen == "gather":
+            row_scale = scale.index_select(0, slots.gather_index) * slots.row_mask
+            delta = _gather(x3, A_bank, B_bank, slots.gather_index, row_scale)
+        elif chosen == "dense":
+            delta = _dense_rows(x3, A_bank, B_bank, scale, slots)
         else:
-            raise ArgumentValueError(f"unknown algorithm {chosen!r}; use one of none, single, dense, gather, grouped")
+            raise ArgumentValueError(f"unknown algorithm {chosen!r}; use one of none, grouped, gather, dense")
     return delta.reshape(*x.shape[:-1], B_bank.shape[1])
 
 
@@ -259,7 +272,10 @@ def lora_delta_active(
             already holds scaling x weight, pass 1 for live entries and 0 for padding.
 
     Returns:
-        ``[..., out]`` in ``A_bank.dtype``.
+        ``[..., out]`` in ``A_bank.dtype``; add it as peft's active forward does,
+        ``(result + delta).to(result.dtype)`` (in the promoted dtype, then cast: with float32
+        adapters on a bfloat16 base the sum is rounded once). The mixed batch differs:
+        :func:`lora_delta_rows`.
     """
     x2 = x.reshape(-1, x.shape[-1]).to(A_bank.dtype)
     factors = scale.index_select(0, slots_k)
@@ -300,25 +316,25 @@ def _gather(
     """BGMV: each row's A and B gathered from the banks, then batched matmuls. ``x3`` is ``[B, T, in]``."""
     a = A_bank.index_select(0, index)  # [B, R, in]
     b = B_bank.index_select(0, index)  # [B, out, R]
-    row_scale = row_scale.to(x3.dtype)[:, None, None]
-    if x3.shape[1] == 1:
-        # One token per row (decode): matrix-vector products with the weights in their stored layout.
-        low = torch.bmm(a, x3.transpose(1, 2)) * row_scale  # [B, R, 1]
-        return torch.bmm(b, low).transpose(1, 2)  # [B, 1, out]
-    low = torch.bmm(x3, a.transpose(1, 2)) * row_scale  # [B, T, R]
+    # Input rows first (x @ A^T, low @ B^T): on CPU this orientation of bmm is 1.5-2x faster than A @ x^T.
+    low = torch.bmm(x3, a.transpose(1, 2)) * row_scale.to(x3.dtype)[:, None, None]  # [B, T, R]
     return torch.bmm(low, b.transpose(1, 2))  # [B, T, out]
 
 
 def _grouped(
     x3: torch.Tensor, A_bank: torch.Tensor, B_bank: torch.Tensor, scale: torch.Tensor, plan: RowPlan
 ) -> torch.Tensor:
-    """SGMV: one matmul pair per distinct adapter on its rows (views when the rows are contiguous)."""
-    delta = x3.new_zeros(*x3.shape[:2], B_bank.shape[1])
-    factors = scale.index_select(0, plan.distinct_t).to(x3.dtype)
-    for (slot, rows), factor in zip(plan.groups, factors):
-        low = torch.matmul(x3[rows], A_bank[slot].t()) * factor
-        delta[rows] = torch.matmul(low, B_bank[slot].t())
-    return delta
+    """SGMV: one matmul pair per distinct adapter on its rows, rows sorted by adapter once per call."""
+    rows = x3 if plan.identity else x3.index_select(0, plan.order)
+    parts = []
+    for slot, positions in plan.groups:
+        # Bank slots are views (no copy); the int slot comes from the plan, not from a tensor.
+        low = torch.matmul(rows[positions], A_bank[slot].t()) * scale[slot].to(x3.dtype)
+        parts.append(torch.matmul(low, B_bank[slot].t()))
+    grouped = parts[0] if len(parts) == 1 else torch.cat(parts)
+    if plan.identity:
+        return grouped
+    return x3.new_zeros(*x3.shape[:2], B_bank.shape[1]).index_copy(0, plan.order, grouped)
 
 
 # -- IA3 -------------------------------------------------------------------------------
@@ -350,6 +366,7 @@ def ia3_rows(
         out_dtype: the result's dtype (None: ``t.dtype``).
     """
     if isinstance(slots, RowPlan):
+        _check_plan(slots, t.shape[0])
         slots = slots.slots
     vectors = vec_bank.index_select(0, slots.clamp(min=0))
     vectors = torch.where((slots != BASE)[:, None], vectors, torch.ones_like(vectors))  # [B, F]
@@ -359,7 +376,9 @@ def ia3_rows(
     return _scaled(t, vectors.reshape(shape), cast, out_dtype)
 
 
-def ia3_active_vector(vec_bank: torch.Tensor, slots_k: torch.Tensor, weights_k: torch.Tensor | None = None) -> torch.Tensor:
+def ia3_active_vector(
+    vec_bank: torch.Tensor, slots_k: torch.Tensor, weights_k: torch.Tensor | None = None
+) -> torch.Tensor:
     """The product of the active set's IA3 vectors, ``[F]``, each weighted as ``1 + w (v - 1)``.
 
     Computed as ``w v + (1 - w)``: exactly ``v`` for ``w = 1`` and exactly 1 for ``w = 0``
