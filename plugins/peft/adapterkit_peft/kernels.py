@@ -40,9 +40,10 @@ Functions and which are compile-safe
   and applied with batched matmuls.
 * The same functions with ``slots`` a :class:`RowPlan` (from :func:`plan_rows`, built
   once per ``per_sample`` block, not per layer call): **eager only** (the grouping is
-  data-dependent: a Python loop over the distinct adapters). :func:`choose` picks
-  SGMV-style grouping (one matmul pair per distinct adapter on its rows, rows sorted
-  by adapter) for up to 8 distinct adapters in decode, the BGMV gather otherwise.
+  data-dependent shapes and loops). :func:`choose` picks, by the rows and the input's
+  shape: SGMV-style grouping (one matmul pair per distinct adapter on its rows, rows
+  sorted by adapter), a "window" (rows padded into their slots, one batched matmul pair
+  on a view of the banks' slot range: no weight copies; decode), or the BGMV gather.
 * :func:`lora_delta_active`, :func:`ia3_active`, :func:`ia3_active_vector`: the
   active set (``K`` adapters applied to every row), **compile-safe**; ``K`` is a shape,
   so pad the active set to a fixed ``K`` with weight-0 entries to switch among sets
@@ -285,8 +286,8 @@ def lora_delta_rows(
     batch = x.shape[0]
     x3 = x.reshape(batch, -1, x.shape[-1]).to(A_bank.dtype)
     if isinstance(slots, torch.Tensor):
-        row_scale = scale.index_select(0, slots.clamp(min=0)) * (slots != BASE)
-        delta = _gather(x3, A_bank, B_bank, slots.clamp(min=0), row_scale)
+        index = slots.clamp(min=0)  # BASE rows read slot 0 and get scale 0
+        delta = _gather(x3, A_bank, B_bank, index, scale.index_select(0, index) * (slots != BASE))
     else:
         _check_plan(slots, batch)
         chosen = (algorithm or choose(slots, x3.shape[1], A_bank.shape[1])) if slots.distinct else "none"
