@@ -446,6 +446,9 @@ class Adapters:
             method=method,
             allow_nonfinite=allow_nonfinite,
         )
+        if state_dict is not None:
+            # The adapter owns its tensors, as when read from files: swap() and weights write into them in place.
+            tensors = {key: value.detach().clone() for key, value in tensors.items()}
         self._attach(
             name,
             method_found,
@@ -549,7 +552,7 @@ class Adapters:
         if isinstance(source_or_state_dict, Mapping):
             source, state_dict = None, source_or_state_dict
             if load_kwargs.get("config") is None:
-                load_kwargs["config"] = config_to_dict(adapter.config, self.registry) | {"method": adapter.method.name}
+                load_kwargs["config"] = copy.deepcopy(adapter.config)  # (a plugin may normalise the config it gets)
         else:
             source, state_dict = source_or_state_dict, None
         method, config, tensors = self._read(source, name, state_dict=state_dict, operation="swap", **load_kwargs)

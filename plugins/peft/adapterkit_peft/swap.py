@@ -87,6 +87,9 @@ def plan_swap(
                  (("tensors the model's adapter has and the new one lacks:", missing),
                   ("tensors only the new adapter has:", extra)) if items]  # fmt: skip
         raise refuse("other targets or options (" + "; ".join(parts) + ")")
+    settings = []
+    for site in {id(site.layer): site for site, _, _ in expected.values()}.values():
+        settings.append((site, _layer_settings(method, site, name, config, refuse)))
     shapes = [
         f"{key}: {tuple(state_dict[key].shape)} vs {tuple(getattr(owner, leaf).shape)} in the model"
         for key, (_, owner, leaf) in expected.items()
@@ -99,9 +102,6 @@ def plan_swap(
     if gone:
         raise UnsupportedOperationError(f"{where}: layers {gone[:4]} are offloaded by accelerate; swap before dispatching")
 
-    settings = []
-    for site in {id(site.layer): site for site, _, _ in expected.values()}.values():
-        settings.append((site, _layer_settings(method, site, name, config, refuse)))
     tensors = [(site, getattr(owner, leaf), state_dict[key]) for key, (site, owner, leaf) in expected.items()]
     return SwapPlan(name, tensors, settings, {k: state_dict[k] for k in heads}, bias_values)
 
