@@ -815,7 +815,17 @@ class Adapters:
             for method in self._methods():
                 self._call(method, "adapterkit_enable")
             self._enabled = True
-            self._apply_active()
+            try:
+                self._apply_active()
+            except BaseException:
+                # A plugin refused the active set once enabled (e.g. a weight on an adapter that would train now).
+                self._enabled = False
+                for method in self._methods():
+                    with contextlib.suppress(Exception):
+                        self._call(method, "adapterkit_disable")
+                with contextlib.suppress(Exception):
+                    self._apply_active()
+                raise
 
     @contextlib.contextmanager
     def disabled(self) -> Iterator[None]:

@@ -253,6 +253,24 @@ def test_trainable_ia3_refuses_weights_and_nothing_changes():
     assert torch.equal(run(model, x), out)
 
 
+def test_enable_refuses_a_weighted_ia3_adapter_that_would_train_and_stays_disabled():
+    model = make_model()
+    adapters = adapterkit.attach(model)
+    adapters.add(IA3, "a")  # trainable
+    x = x_input()
+    adapters.disable()
+    base = run(model, x)
+    adapters.set_active("a", weights=[0.5])  # nothing trains while disabled
+    with pytest.raises(UnsupportedOperationError, match="trainable"):
+        adapters.enable()
+    assert not adapters.enabled
+    assert torch.equal(run(model, x), base)
+    assert not any(p.requires_grad for p in model.parameters())
+    adapters.set_active("a")
+    adapters.enable()
+    assert [n for n, p in model.named_parameters() if p.requires_grad] == ["0.ia3_l.a", "2.ia3_l.a"]
+
+
 def test_ia3_and_lora_weighted_together_match_peft_layers():
     """Weights across two methods on one model: each method weighs its own adapters."""
     model = make_model()
