@@ -781,6 +781,10 @@ class Adapters:
         if self._merged:
             raise AdapterStateError(f"cannot change the active adapters while {self._merged} are merged; unmerge() first")
         found = self._check_weights(items, weights)
+        reweighed = sorted(n for n in {*found, *self._weights} if found.get(n, 1.0) != self._weights.get(n, 1.0))
+        if reweighed:
+            # per_sample rows compute their adapters at the weights of when the block opened.
+            self._blocks.refuse(f"change the weights of {reweighed}", reweighed)
         previous, previous_weights = self._active, self._weights
         with self._changing():  # a concurrent forward sees the old set or the new one, never half of each
             self._active, self._weights = items, found

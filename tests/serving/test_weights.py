@@ -298,3 +298,22 @@ def test_method_without_weights_refuses_them():
     with pytest.raises(UnsupportedOperationError, match="does not support weights"):
         adapters.set_active("s", weights=[0.5])
     adapters.set_active("s", weights=[1.0])  # weight 1 is no weight
+
+
+def test_per_sample_rows_use_the_weight_and_it_cannot_change_under_an_open_block():
+    model, x = make_model(), x_input()
+    adapters = adapterkit.attach(model)
+    adapters.add(LORA.format(extra=""), "a")
+    adapters.add(LORA.format(extra=""), "b")
+    adapters.set_active("a", weights=[0.5])
+    weighted = run(model, x)
+    rows = ["a"] * len(x)
+    with adapters.per_sample(rows):
+        assert torch.equal(run(model, x), weighted)
+        with pytest.raises(adapterkit.AdapterStateError, match=r"change the weights of \['a'\]"):
+            adapters.set_active("a")
+        with pytest.raises(adapterkit.AdapterStateError, match="per_sample block is open"):
+            adapters.set_active("b")  # "a" would go back to weight 1
+        adapters.set_active(["a", "b"], weights=[0.5, 2.0])  # "b" is no row's adapter
+        assert torch.equal(run(model, x), weighted)
+    assert adapters.active == ["a", "b"]
