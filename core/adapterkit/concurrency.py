@@ -5,7 +5,13 @@ The thread model (docs/guarantees.md, "Threads"):
 * Every operation of one :class:`~adapterkit.Adapters` runs under that object's re-entrant
   lock (:attr:`Adapters.lock`): operations from several threads on one model run one after
   the other, each seeing the state the previous one left. Different models do not share a lock.
-* A forward never takes the lock. It runs beside operations on the same model.
+* A forward never takes the lock. It runs beside operations on the same model that leave
+  what it computes alone (loading with ``activate=False``, swapping or deleting an inactive
+  adapter, saving). Operations that change what the active adapters compute (``set_active``,
+  ``enable``/``disable``, ``merge``/``unmerge``, activating loads, swaps and deletes of active
+  adapters) pass the model's :class:`ForwardGate`: they wait for the forwards other threads
+  have in flight and hold new ones back while they write, so a forward sees each of them
+  whole or not at all.
 * A ``per_sample`` block holds the lock only while it sets its routing up and while it takes it
   down; its routing acts only in the thread that opened it. While it is open, operations that
   would pull the ground from under its forwards (merging, disabling, deleting an adapter its
