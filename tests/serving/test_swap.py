@@ -83,6 +83,11 @@ SWAPS = [
         "ia3[target_modules=['0', '2'], feedforward_modules=['2']]",
         id="ia3",
     ),
+    pytest.param(
+        "adalora[target_modules=['0', '2'], init_r=4, lora_alpha=8, total_step=10]",
+        "adalora[target_modules=['0', '2'], init_r=4, lora_alpha=3, total_step=10]",
+        id="adalora",
+    ),
 ]
 
 
