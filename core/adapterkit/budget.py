@@ -268,11 +268,11 @@ def use(adapters: Adapters, names: Any, *, replaces_active: bool = False) -> Non
         raise AdapterStateError(
             f"cannot load the registered adapters {misses} while {adapters._merged} are merged; unmerge() first"
         )
-    for name in wanted:
+    for name in wanted:  # in the order named: the last named is the most recently used
         if name in budget.recency:
             budget.hits += 1
             budget.recency.move_to_end(name)
-    for name in misses:
+            continue
         entry = budget.entries[name]
         _make_room(adapters, entry.nbytes, keep=wanted)
         budget.misses += 1

@@ -91,6 +91,7 @@ BUILTIN: dict[type[AdapterkitError], type[BaseException]] = {
     HubAccessError: PermissionError,
     SaveError: OSError,
     AdapterStateError: RuntimeError,
+    errors.BudgetError: RuntimeError,
     PerSampleError: ValueError,
     errors.ArgumentValueError: ValueError,
     UnsupportedOperationError: NotImplementedError,
