@@ -17,6 +17,7 @@ specific to a method: loading and evicting go through the same hooks as ``load``
 from __future__ import annotations
 
 import collections
+import functools
 import json
 import math
 import os
@@ -24,7 +25,7 @@ import struct
 from collections.abc import Iterable, Mapping, Sequence
 from os import PathLike
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import attrs
 
@@ -43,6 +44,8 @@ if TYPE_CHECKING:
     from .model import Adapters
 
 __all__ = ["Budget", "BudgetStats"]
+
+F = TypeVar("F", bound=Any)
 
 _MAX_HEADER = 100_000_000  # safetensors refuses larger headers too
 
@@ -322,6 +325,20 @@ def _make_room(adapters: Adapters, nbytes: int, keep: Sequence[str]) -> None:
         )
 
     _evict_until(adapters, room, keep)
+
+
+def trims(function: F) -> F:
+    """Decorate an operation of :class:`Adapters` that may leave loaded adapters evictable (set_active
+    deactivates some): afterwards, also after a failure, evict what the budget no longer holds."""
+
+    @functools.wraps(function)
+    def trimmed(self: Adapters, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return function(self, *args, **kwargs)
+        finally:
+            trim(self)
+
+    return trimmed  # type: ignore[return-value]
 
 
 def trim(adapters: Adapters, keep: Sequence[str] = ()) -> None:

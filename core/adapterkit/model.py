@@ -766,6 +766,7 @@ class Adapters:
 
     # -- activity ------------------------------------------------------------
     @serialised
+    @budget.trims  # the adapters it deactivates may be evicted afterwards
     def set_active(
         self, names: str | Sequence[str], weights: Sequence[float] | Mapping[str, float] | None = None
     ) -> None:
@@ -793,7 +794,6 @@ class Adapters:
             with contextlib.suppress(Exception):
                 self._apply_active()
             raise
-        budget.trim(self)  # the adapters just deactivated may be evicted now
 
     @serialised
     def disable(self) -> None:

@@ -46,6 +46,15 @@ IA3S = [f"i{i}" for i in range(3)]
 NAMES = LORAS + IA3S
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_torch_thread():
+    """Tiny models: one intra-op thread is fastest (spinning thread pools cost more than the work)."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 def _save(folder: Path, specs: dict[str, str]) -> None:
     """Save adapters ``name -> config`` as adapterkit saves them, each with weights of its own."""
     source = adapterkit.attach(make_llama())
@@ -306,6 +315,15 @@ def test_active_adapters_and_open_blocks_are_never_evicted(saved: Path) -> None:
         with adapters.per_sample(["l4", "l5"]):
             pass
     assert (adapters.stats(), adapters.resident, adapters.names) == before
+
+
+def test_a_failed_set_active_leaves_the_budget_holding(saved: Path, reference: adapterkit.Adapters) -> None:
+    adapters = budgeted(saved, max_adapters=1)
+    adapters.set_active("l0")
+    with pytest.raises(ConfigValueError, match="weight"):
+        adapters.set_active("l1", weights=[float("nan")])  # l1 is loaded before the weights are checked
+    assert adapters.active == ["l0"] and adapters.resident == ["l0"]
+    assert torch.equal(outputs(adapters), expected(reference, ["l0"]))
 
 
 def test_a_block_in_another_thread_keeps_its_adapters(saved: Path) -> None:
