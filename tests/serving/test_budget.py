@@ -552,6 +552,32 @@ def test_a_method_outside_peft(tmp_path: Path) -> None:
     assert adapters.stats().evictions == 4
 
 
+def test_a_native_method_of_the_core_alone(tmp_path: Path) -> None:
+    """The toy scale method (tests/toy_plugin.py): no peft anywhere in its path."""
+    from conftest import make_mlp, mlp_input
+    from toy_plugin import ScalePlugin
+
+    def attach() -> adapterkit.Adapters:
+        pm = adapterkit.make_plugin_manager()
+        pm.register(ScalePlugin(), name="toy-scale")
+        return adapterkit.attach(make_mlp(), adapterkit.MethodRegistry(pm))
+
+    source, plain, adapters = attach(), attach(), attach()
+    for i in range(3):
+        source.add({"method": "scale", "target_modules": ["head"], "init": 1.5 + i}, f"s{i}")
+    source.save(tmp_path)
+    for i in range(3):
+        plain.load(tmp_path / f"s{i}", f"s{i}", activate=False)
+        adapters.register(tmp_path / f"s{i}", f"s{i}")
+    adapters.limit(max_bytes=4 * 4)  # one scale vector: the head's 4 outputs in float32
+    for name in ["s0", "s1", "s2", "s1", "s0"]:
+        adapters.set_active(name)
+        plain.set_active(name)
+        assert torch.equal(run(adapters.model, mlp_input()), run(plain.model, mlp_input()))
+        assert adapters.resident == [name]
+    assert (adapters.stats().misses, adapters.stats().evictions) == (5, 4)
+
+
 def test_threads_serving_their_own_adapters_stay_within_the_budget(saved: Path, reference: adapterkit.Adapters) -> None:
     groups = [["l0", "l1", "l2", "l3"], ["l4", "l5", "l6", "i0"]]
     plans = [[random.Random(t * 10 + i).sample(group, 2) for i in range(12)] for t, group in enumerate(groups)]
