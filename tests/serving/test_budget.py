@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import Fingerprint, llama_input, make_llama, run
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 import adapterkit
@@ -399,6 +400,27 @@ def test_a_byte_budget_holds_after_every_call(saved: Path) -> None:
         with adapters.per_sample(["l2", "l8"]):  # two r=8 adapters (and l5 stays active)
             pass
     assert adapters.stats().bytes_resident == loaded_bytes(adapters, adapters.resident) <= max_bytes
+
+
+def test_adapters_that_load_larger_than_their_files_are_counted_as_loaded(saved: Path, tmp_path: Path) -> None:
+    folder = _copy_adapter(saved, tmp_path / "half", "l1")
+    path = folder / "adapter_model.safetensors"
+    with safe_open(path, "pt") as f:
+        metadata = f.metadata()
+    save_file({k: v.half() for k, v in load_file(path).items()}, path, metadata=metadata)  # float32 once loaded
+    adapters = budgeted(saved, [])
+    adapters.register(folder, "a")
+    adapters.register(folder, "b")
+    half = file_bytes(tmp_path, "half")
+    adapters.limit(max_bytes=2 * half)  # by the files, both fit
+    with pytest.raises(BudgetError, match=r"\['a', 'b'\]: loaded, they take"):
+        with adapters.per_sample(["a", "b"]):
+            pass
+    assert adapters.resident == [] and adapters.names == []  # taken back out
+    adapters.set_active("a")
+    assert adapters.stats().bytes_resident == loaded_bytes(adapters, ["a"]) == 2 * half
+    adapters.set_active("b")  # evicts a, now known to be twice its file
+    assert adapters.resident == ["b"]
 
 
 def test_a_zipf_stream_stays_within_the_budget_and_computes_what_all_loaded_would(
