@@ -367,29 +367,34 @@ def _protected(adapters: Adapters, *, active: bool = True) -> set[str]:
 
 
 # -- swapping, forgetting ----------------------------------------------------
-def before_swap(adapters: Adapters, name: str, source_or_state_dict: Any) -> None:
-    if name in adapters._record.budget.entries and isinstance(source_or_state_dict, Mapping):
-        raise AdapterStateError(
-            f"adapter {name!r} is registered: the budget reloads it from its files after an eviction, so it can "
-            "swap only from a folder or Hub repo; save the state dict and swap from that folder, or delete() and load()"
-        )
-    use(adapters, [name])
-
-
-def after_swap(adapters: Adapters, name: str, source: Any, load_kwargs: dict[str, Any]) -> None:
-    """A registered adapter swapped from ``source``: reload it from there from now on."""
+def before_swap(adapters: Adapters, name: str, source_or_state_dict: Any, load_kwargs: dict[str, Any]) -> _Entry | None:
+    """Before ``swap``: for a registered adapter, read the new source as :func:`register` would (its typed
+    errors come before anything changes) and load the adapter if it is not loaded. Returns the new entry."""
     budget = adapters._record.budget
     old = budget.entries.get(name)
-    if old is None:
+    entry = None
+    if old is not None:
+        if isinstance(source_or_state_dict, Mapping):
+            raise AdapterStateError(
+                f"adapter {name!r} is registered: the budget reloads it from its files after an eviction, so it "
+                "swaps only from a folder or Hub repo; save the state dict and swap from that folder, or delete() and load()"
+            )
+        kwargs = dict(load_kwargs)
+        config, method = kwargs.pop("config", None), kwargs.pop("method", None)
+        allow_nonfinite = kwargs.pop("allow_nonfinite", old.allow_nonfinite)
+        kwargs.pop("allow_pickle", None)
+        entry = _read_entry(adapters, source_or_state_dict, name, where=kwargs, config=config, method=method, operation="swap")
+        entry.allow_nonfinite, entry.autocast_adapter_dtype = bool(allow_nonfinite), old.autocast_adapter_dtype
+    use(adapters, [name])
+    return entry
+
+
+def after_swap(adapters: Adapters, name: str, entry: _Entry | None) -> None:
+    """After ``swap`` of a registered adapter: it reloads from the new source from now on."""
+    if entry is None:
         return
-    kwargs = dict(load_kwargs)
-    config, method = kwargs.pop("config", None), kwargs.pop("method", None)
-    allow_nonfinite = kwargs.pop("allow_nonfinite", old.allow_nonfinite)
-    kwargs.pop("allow_pickle", None)
-    entry = _read_entry(adapters, source, name, where=kwargs, config=config, method=method, operation="swap")
-    entry.allow_nonfinite, entry.autocast_adapter_dtype = bool(allow_nonfinite), old.autocast_adapter_dtype
     entry.nbytes = _loaded_bytes(adapters, name)
-    budget.entries[name] = entry
+    adapters._record.budget.entries[name] = entry
     trim(adapters, keep=[name])
 
 

@@ -543,7 +543,7 @@ class Adapters:
         unknown = sorted(set(load_kwargs) - allowed)
         if unknown:
             raise TypeError(f"swap() got unexpected arguments {unknown}; it takes {sorted(allowed)}")
-        budget.before_swap(self, name, source_or_state_dict)  # a registered adapter: loaded if it is not
+        registered = budget.before_swap(self, name, source_or_state_dict, load_kwargs)  # loaded if it is not
         adapter = self._get(name)
         if name in self._merged:
             raise AdapterStateError(f"cannot swap adapter {name!r} while it is merged; unmerge() first")
@@ -565,7 +565,7 @@ class Adapters:
             adapter.config = config
         else:
             self._replace(name, config, tensors)
-        budget.after_swap(self, name, source, load_kwargs)  # a registered adapter reloads from the new source
+        budget.after_swap(self, name, registered)  # a registered adapter reloads from the new source
 
     def _replace(self, name: str, config: Any, tensors: dict[str, torch.Tensor]) -> None:
         """Swap without the plugin's help: delete, then load under the same name; the old adapter back on failure."""

@@ -499,6 +499,9 @@ def test_swap_loads_a_registered_adapter_and_its_reloads_follow_the_swap(
     saved: Path, reference: adapterkit.Adapters
 ) -> None:
     adapters = budgeted(saved, ["l0", "l1", "l2"], max_adapters=2)
+    with pytest.raises(CheckpointNotFoundError):
+        adapters.swap(saved / "nowhere", "l1")
+    assert adapters.resident == [] and adapters.stats().misses == 0  # refused before loading anything
     adapters.set_active("l0")
     adapters.swap(saved / "l3", "l1")  # not loaded: loaded, then swapped
     assert adapters.resident == ["l0", "l1"]
