@@ -35,7 +35,6 @@ from .errors import (
     ArgumentValueError,
     BudgetError,
     CheckpointError,
-    UnknownAdapterError,
     UnsafeCheckpointError,
 )
 from .registry import Method
@@ -255,8 +254,7 @@ def use(adapters: Adapters, names: Any, *, replaces_active: bool = False) -> Non
         return
     wanted = list(dict.fromkeys(n for n in names if isinstance(n, str) and n in budget.entries))
     if not wanted or any(
-        not isinstance(n, str) or (n not in budget.entries and n not in adapters._adapters and n != BASE)
-        for n in names
+        not isinstance(n, str) or (n not in budget.entries and n not in adapters._adapters and n != BASE) for n in names
     ):
         return
     misses = [n for n in wanted if n not in adapters._adapters]
@@ -383,7 +381,9 @@ def before_swap(adapters: Adapters, name: str, source_or_state_dict: Any, load_k
         config, method = kwargs.pop("config", None), kwargs.pop("method", None)
         allow_nonfinite = kwargs.pop("allow_nonfinite", old.allow_nonfinite)
         kwargs.pop("allow_pickle", None)
-        entry = _read_entry(adapters, source_or_state_dict, name, where=kwargs, config=config, method=method, operation="swap")
+        entry = _read_entry(
+            adapters, source_or_state_dict, name, where=kwargs, config=config, method=method, operation="swap"
+        )
         entry.allow_nonfinite, entry.autocast_adapter_dtype = bool(allow_nonfinite), old.autocast_adapter_dtype
     use(adapters, [name])
     return entry
@@ -431,4 +431,3 @@ def stats(adapters: Adapters) -> BudgetStats:
         max_adapters=budget.max_adapters,
         max_bytes=budget.max_bytes,
     )
-

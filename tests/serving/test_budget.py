@@ -17,13 +17,9 @@ import threading
 import weakref
 from pathlib import Path
 
+import adapterkit
 import pytest
 import torch
-from conftest import Fingerprint, llama_input, make_llama, run
-from safetensors import safe_open
-from safetensors.torch import load_file, save_file
-
-import adapterkit
 from adapterkit import (
     AdapterExistsError,
     AdapterNameError,
@@ -38,6 +34,9 @@ from adapterkit import (
     UnknownMethodError,
     UnsafeCheckpointError,
 )
+from conftest import Fingerprint, llama_input, make_llama, run
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 
 LORA = 'lora[r={r}, lora_alpha={alpha}, target_modules=["q_proj", "v_proj"], init_lora_weights=False]'
 IA3 = 'ia3[target_modules=["k_proj", "down_proj"], feedforward_modules=["down_proj"]]'
@@ -86,7 +85,9 @@ def reference(saved: Path) -> adapterkit.Adapters:
     return adapters
 
 
-def expected(reference: adapterkit.Adapters, active: list[str] | None = None, rows: list[str] | None = None) -> torch.Tensor:
+def expected(
+    reference: adapterkit.Adapters, active: list[str] | None = None, rows: list[str] | None = None
+) -> torch.Tensor:
     reference.set_active(active or [])
     x = llama_input() if rows is None else _rows_input(len(rows))
     if rows is None:
@@ -104,6 +105,11 @@ def outputs(adapters: adapterkit.Adapters, rows: list[str] | None = None) -> tor
         return run(adapters.model, llama_input())
     with adapters.per_sample(rows):
         return run(adapters.model, _rows_input(len(rows)))
+
+
+def open_block(adapters: adapterkit.Adapters, rows: list[str]) -> None:
+    with adapters.per_sample(rows):
+        pass
 
 
 def budgeted(saved: Path, names: list[str] = NAMES, **limits: int) -> adapterkit.Adapters:
@@ -134,7 +140,15 @@ def test_register_records_without_loading(saved: Path) -> None:
     assert adapters.registered == ["a", "b"]
     assert adapters.resident == [] and adapters.names == [] and "a" not in adapters and len(adapters) == 0
     assert adapters.stats() == BudgetStats(
-        hits=0, misses=0, evictions=0, loads=0, resident=0, bytes_resident=0, registered=2, max_adapters=None, max_bytes=None
+        hits=0,
+        misses=0,
+        evictions=0,
+        loads=0,
+        resident=0,
+        bytes_resident=0,
+        registered=2,
+        max_adapters=None,
+        max_bytes=None,
     )
 
 
@@ -218,7 +232,10 @@ BAD_SOURCES = {
         CheckpointError,
     ),
     "shape disagrees": (
-        lambda f: (_header(f, {"x.lora_A.weight": {"dtype": "F32", "shape": [4, 4], "data_offsets": [0, 8]}}, b"0" * 8), f)[1],
+        lambda f: (
+            _header(f, {"x.lora_A.weight": {"dtype": "F32", "shape": [4, 4], "data_offsets": [0, 8]}}, b"0" * 8),
+            f,
+        )[1],
         CheckpointError,
     ),
     "no tensors": (lambda f: (_header(f, {"__metadata__": {"format": "pt"}}), f)[1], CheckpointError),
@@ -232,7 +249,9 @@ BAD_SOURCES = {
 @pytest.mark.parametrize("case", list(BAD_SOURCES))
 def test_register_of_a_bad_source_is_a_typed_error_and_records_nothing(saved: Path, tmp_path: Path, case: str) -> None:
     make, error = BAD_SOURCES[case]
-    folder = make(_copy_adapter(saved, tmp_path / "copy") if case not in ("missing folder", "no config") else tmp_path / "bad")
+    folder = make(
+        _copy_adapter(saved, tmp_path / "copy") if case not in ("missing folder", "no config") else tmp_path / "bad"
+    )
     adapters = budgeted(saved, ["l1"])
     model = adapters.model
     before = Fingerprint(model, llama_input())
@@ -313,8 +332,7 @@ def test_active_adapters_and_open_blocks_are_never_evicted(saved: Path) -> None:
         assert adapters.resident == ["l2", "l3"]
     before = adapters.stats(), adapters.resident, adapters.names
     with pytest.raises(BudgetError, match=r"max_adapters=2.*\['l4', 'l5'\].*\['l3'\]"):
-        with adapters.per_sample(["l4", "l5"]):
-            pass
+        open_block(adapters, ["l4", "l5"])
     assert (adapters.stats(), adapters.resident, adapters.names) == before
 
 
@@ -384,7 +402,11 @@ def test_stats_count_exactly(saved: Path) -> None:
     assert (stats.hits, stats.misses, stats.evictions, stats.loads) == (4, 4, 2, 4)
     assert (stats.resident, stats.registered) == (2, len(NAMES))
     assert adapters.resident == ["l0", "l1"]
-    assert stats.bytes_resident == file_bytes(saved, "l0") + file_bytes(saved, "l1") == loaded_bytes(adapters, ["l0", "l1"])
+    assert (
+        stats.bytes_resident
+        == file_bytes(saved, "l0") + file_bytes(saved, "l1")
+        == loaded_bytes(adapters, ["l0", "l1"])
+    )
 
 
 def test_a_byte_budget_holds_after_every_call(saved: Path) -> None:
@@ -397,8 +419,7 @@ def test_a_byte_budget_holds_after_every_call(saved: Path) -> None:
     adapters.set_active("l5")  # r=8: evicts l2 (least recent); l1 + l5 fit
     assert adapters.resident == ["l1", "l5"]
     with pytest.raises(BudgetError, match=f"max_bytes={max_bytes}"):
-        with adapters.per_sample(["l2", "l8"]):  # two r=8 adapters (and l5 stays active)
-            pass
+        open_block(adapters, ["l2", "l8"])  # two r=8 adapters (and l5 stays active)
     assert adapters.stats().bytes_resident == loaded_bytes(adapters, adapters.resident) <= max_bytes
 
 
@@ -414,8 +435,7 @@ def test_adapters_that_load_larger_than_their_files_are_counted_as_loaded(saved:
     half = file_bytes(tmp_path, "half")
     adapters.limit(max_bytes=2 * half)  # by the files, both fit
     with pytest.raises(BudgetError, match=r"\['a', 'b'\]: loaded, they take"):
-        with adapters.per_sample(["a", "b"]):
-            pass
+        open_block(adapters, ["a", "b"])
     assert adapters.resident == [] and adapters.names == []  # taken back out
     adapters.set_active("a")
     assert adapters.stats().bytes_resident == loaded_bytes(adapters, ["a"]) == 2 * half
@@ -436,24 +456,20 @@ def test_a_zipf_stream_stays_within_the_budget_and_computes_what_all_loaded_woul
     weights = [1 / (k + 1) ** 1.1 for k in range(len(order))]
     refused = 0
     for step in range(60):
-        if step % 5 == 0:
-            active = pick.choices(order, weights)
-            needed = set(active)
-            call = lambda: adapters.set_active(active)  # noqa: E731
-            check = lambda: (call(), torch.equal(outputs(adapters), expected(reference, active)))[1]  # noqa: E731
-        else:
-            rows = pick.choices(order + ["__base__"], weights + [0.2], k=4)
-            needed = {r for r in rows if r != "__base__"} | set(adapters.active)
-            call = lambda: outputs(adapters, rows)  # noqa: E731
-            check = lambda: torch.equal(call(), expected(reference, adapters.active, rows))  # noqa: E731
-        fits = len(needed) <= max_adapters and sum(sizes[n] for n in needed) <= max_bytes
-        if fits:
-            assert check(), step
+        switch = step % 5 == 0  # every fifth request switches the active adapter, the others are mixed batches
+        rows = pick.choices(order, weights) if switch else pick.choices(order + ["__base__"], weights + [0.2], k=4)
+        needed = set(rows) - {"__base__"} | (set() if switch else set(adapters.active))
+        if len(needed) <= max_adapters and sum(sizes[n] for n in needed) <= max_bytes:
+            if switch:
+                adapters.set_active(rows)
+                assert torch.equal(outputs(adapters), expected(reference, rows)), step
+            else:
+                assert torch.equal(outputs(adapters, rows), expected(reference, adapters.active, rows)), step
         else:
             refused += 1
             before = adapters.resident
             with pytest.raises(BudgetError):
-                call()
+                adapters.set_active(rows) if switch else outputs(adapters, rows)
             assert adapters.resident == before
         stats = adapters.stats()
         assert stats.resident == len(adapters.resident) <= max_adapters
@@ -478,7 +494,9 @@ def test_evicted_adapters_are_freed(saved: Path) -> None:
 def test_an_evicted_adapter_reloads_bit_identical_to_the_file_and_to_peft(saved: Path) -> None:
     from peft import PeftModel
 
-    file = {k.removeprefix("base_model.model."): v for k, v in load_file(saved / "l4" / "adapter_model.safetensors").items()}
+    file = {
+        k.removeprefix("base_model.model."): v for k, v in load_file(saved / "l4" / "adapter_model.safetensors").items()
+    }
     peft_model = PeftModel.from_pretrained(make_llama(), saved / "l4").eval()
     with torch.no_grad():
         peft_out = peft_model(llama_input()).logits
