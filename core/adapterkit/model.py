@@ -186,6 +186,8 @@ class Adapters:
     * A failed ``add`` or ``load`` leaves the model exactly as it was.
     * Operations from several threads run one after the other (see :attr:`lock`);
       forwards never wait for them.
+    * Registered adapters (:meth:`register`) load when used and are evicted to
+      keep within a memory budget (:meth:`limit`).
     """
 
     def __init__(self, model: nn.Module, registry: MethodRegistry | None = None, *, _record: _Record | None = None) -> None:
@@ -213,7 +215,7 @@ class Adapters:
 
     @property
     def names(self) -> list[str]:
-        """All attached adapters, in the order they were added."""
+        """All attached (loaded) adapters, in the order they were added; see :attr:`registered` for the rest."""
         return list(self._adapters)
 
     @property
