@@ -249,14 +249,19 @@ def use(adapters: Adapters, names: Any, *, replaces_active: bool = False) -> Non
     if not budget.entries:
         return
     if isinstance(names, str):
+        if not replaces_active:
+            return  # per_sample refuses a string (rows are a list); set_active takes one name as a string
         names = [names]
     elif not isinstance(names, (Sequence, set, frozenset)):
         return
     wanted = list(dict.fromkeys(n for n in names if isinstance(n, str) and n in budget.entries))
-    if not wanted or any(
-        not isinstance(n, str) or (n not in budget.entries and n not in adapters._adapters and n != BASE) for n in names
-    ):
+    if not wanted:
         return
+    for name in names:
+        if not isinstance(name, str) or (
+            name not in budget.entries and name not in adapters._adapters and name != BASE
+        ):
+            adapters._get(name)  # the usual error for an unknown name, before anything loads
     misses = [n for n in wanted if n not in adapters._adapters]
     stay = [n for n in budget.recency if n not in wanted and n in _protected(adapters, active=not replaces_active)]
     if not budget.fits(stay + wanted):

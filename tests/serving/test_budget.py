@@ -288,6 +288,18 @@ def test_set_active_and_per_sample_load_what_they_name(saved: Path, reference: a
     assert torch.equal(outputs(adapters), expected(reference, ["l5", "i2"]))
 
 
+def test_a_bad_name_beside_registered_ones_loads_nothing(saved: Path) -> None:
+    adapters = budgeted(saved, ["l0", "l1"])
+    adapters.load(saved / "l2", "direct", activate=False)
+    with pytest.raises(UnknownAdapterError, match="'nobody'"):
+        adapters.set_active(["l0", "nobody"])
+    with pytest.raises(AdapterNameError, match="list"):
+        open_block(adapters, "l0")  # type: ignore[arg-type]
+    with pytest.raises(UnknownAdapterError, match="'nobody'"):
+        open_block(adapters, ["l1", "nobody"])
+    assert adapters.resident == [] and adapters.stats().misses == 0
+
+
 def test_the_least_recently_used_is_evicted(saved: Path) -> None:
     adapters = budgeted(saved, max_adapters=3)
     for name in ["l0", "l1", "l2"]:
