@@ -81,6 +81,10 @@ class OpenBlocks:
     def close(self, token: object) -> None:
         self._blocks.pop(token, None)
 
+    def named(self) -> set[str]:
+        """The adapter names the open blocks' rows name."""
+        return {row for _, rows in self._blocks.values() for row in rows}
+
     def refuse(self, operation: str, names: Iterable[str] | None = None) -> None:
         """Raise :class:`AdapterStateError` if a block is open (and, given ``names``, its rows name one of them)."""
         wanted = None if names is None else set(names)
