@@ -572,7 +572,7 @@ class Adapters:
         else:
             source, state_dict = source_or_state_dict, None
         method, config, tensors = self._read(source, name, state_dict=state_dict, operation="swap", **load_kwargs)
-        if method is not adapter.method:
+        if method != adapter.method:
             raise ConfigValueError(
                 f"cannot swap adapter {name!r} ({adapter.method.name}) for a {method.name!r} adapter; "
                 "swap replaces weights of the same method: delete() and load() instead"
