@@ -18,6 +18,7 @@ from peft.tuners.lora.layer import ParamWrapper
 from torch import nn
 from torch.nn import functional as F
 
+from .combine import combine
 __all__ = ["LoraMethod", "plugin"]
 
 
@@ -50,6 +51,12 @@ class LoraMethod(PeftMethod):
         for layer in self.layers(model):
             if isinstance(layer, LoraMultiheadAttention) and "forward" not in layer.__dict__:
                 layer.__dict__["forward"] = _ExactBaseForward(layer)
+
+    @hookimpl
+    def adapterkit_combine(
+        self, model: nn.Module, method: str, names: Sequence[str], weights: Sequence[float], how: str, options: dict[str, Any]
+    ) -> tuple[LoraConfig, dict[str, torch.Tensor]]:
+        return combine(self, model, names, weights, how, options)
 
     @hookimpl
     def adapterkit_per_sample(self, model: nn.Module, method: str, rows: Sequence[str]) -> Any:
