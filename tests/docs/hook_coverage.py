@@ -115,6 +115,10 @@ HOOK_TESTS: dict[str, list[str]] = {
     ],
     "adapterkit_combine": [
         "tests/serving/test_core_serving.py::test_combine_and_prepare_compiled_refuse_methods_without_them",
+        "tests/lora/test_combine.py::test_cat_is_exactly_the_weighted_sum_of_the_deltas_with_mixed_ranks_rslora_and_targets",
+        "tests/lora/test_combine.py::test_pruned_merges_are_merge_utils_on_the_deltas_exactly_and_after_svd",
+        "tests/lora/test_combine.py::test_result_with_rank_and_alpha_patterns_saves_and_reloads_the_same_in_adapterkit_and_peft",
+        "tests/lora/test_combine.py::test_bad_how_and_options_are_config_errors_and_change_nothing",
     ],
     "adapterkit_dispatch": [
         "plugins/dispatch/tests/test_dispatch.py::test_cpu_and_disk_offload_gives_the_undispatched_outputs",
