@@ -119,6 +119,7 @@ HOOK_TESTS: dict[str, list[str]] = {
         "tests/lora/test_combine.py::test_pruned_merges_are_merge_utils_on_the_deltas_exactly_and_after_svd",
         "tests/lora/test_combine.py::test_result_with_rank_and_alpha_patterns_saves_and_reloads_the_same_in_adapterkit_and_peft",
         "tests/lora/test_combine.py::test_bad_how_and_options_are_config_errors_and_change_nothing",
+        "plugins/ia3/tests/test_ia3_combine.py::test_each_layer_gets_one_plus_the_weighted_deviations_and_an_absent_adapter_adds_nothing",
     ],
     "adapterkit_dispatch": [
         "plugins/dispatch/tests/test_dispatch.py::test_cpu_and_disk_offload_gives_the_undispatched_outputs",

@@ -47,6 +47,8 @@ from peft.tuners.ia3.layer import Linear as IA3Linear
 from peft.tuners.ia3.layer import _ConvNd as IA3ConvNd
 from torch import nn
 
+from .combine import combine
+
 __all__ = ["IA3Method", "plugin"]
 
 
@@ -69,6 +71,12 @@ class IA3Method(PeftMethod):
                 f"{method} config key 'feedforward_modules'={sorted(feedforward)!r} must be a subset of "
                 f"'target_modules'={sorted(targets)!r}; {sorted(feedforward - targets)!r} are not targets"
             )
+
+    @hookimpl
+    def adapterkit_combine(
+        self, model: nn.Module, method: str, names: Sequence[str], weights: Sequence[float], how: str, options: dict[str, Any]
+    ) -> tuple[IA3Config, dict[str, torch.Tensor]]:
+        return combine(self, model, names, weights, how, options)
 
     # -- per-sample routing ------------------------------------------------------
     @hookimpl

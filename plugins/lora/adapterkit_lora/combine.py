@@ -30,6 +30,7 @@ from adapterkit import ConfigValueError, UnsupportedOperationError
 from adapterkit.layers import positions
 from adapterkit_peft import adapter_tensors, biases_of
 from adapterkit_peft.heads import head_state
+from adapterkit_peft.targets import exact_modules
 from peft import LoraConfig
 from peft.tuners.lora.layer import MultiheadAttention as LoraMultiheadAttention
 from peft.tuners.lora.layer import ParamWrapper
@@ -329,20 +330,8 @@ def _config(model: nn.Module, layers: dict[str, _Layer], ranks: dict[str, int], 
         use_rslora=False,
         rank_pattern=pattern,
         alpha_pattern=dict(pattern),  # alpha = rank on every layer: scaling 1
-        target_modules=_targets(model, sorted(layers)),
+        target_modules=exact_modules(list(layers), (path for path, *_ in positions(model))),
         lora_dropout=dropout.p if isinstance(dropout, nn.Dropout) else 0.0,
         fan_in_fan_out=any(getattr(found.layer, "fan_in_fan_out", False) for found in layers.values()),
         bias="none",
     )
-
-
-def _targets(model: nn.Module, paths: list[str]) -> list[str] | str:
-    """``paths`` as ``target_modules``: the list, unless another module's path ends with ``.<one of them>``
-    (peft matches list entries as suffixes), then a regex peft matches against whole paths."""
-    chosen = set(paths)
-    if any(
-        path not in chosen and any(path.endswith(f".{target}") for target in chosen)
-        for path, *_ in positions(model)
-    ):
-        return "|".join(re.escape(path) for path in paths)
-    return paths
