@@ -61,7 +61,8 @@ def assert_deltas(got, expected, atol=ATOL):
     assert sorted(got) == sorted(expected)
     for path in expected:
         assert got[path].shape == expected[path].shape, path
-        assert torch.allclose(got[path], expected[path], atol=atol, rtol=1e-4), (path, (got[path] - expected[path]).abs().max())
+        gap = (got[path] - expected[path]).abs().max()
+        assert torch.allclose(got[path], expected[path], atol=atol, rtol=1e-4), (path, gap)
 
 
 def best_rank(matrix, rank):
@@ -90,7 +91,7 @@ def peft_copy(make, adapters, names, tmp_path):
     return model.eval()
 
 
-# -- cat: exact ---------------------------------------------------------------------------------------------------
+# -- cat: exact -------------------------------------------------------------------------------------------------------
 def test_cat_is_exactly_the_weighted_sum_of_the_deltas_with_mixed_ranks_rslora_and_targets():
     model, adapters = mlp_with(MLP_A, MLP_B)
     expected = weighted_sum(model, ["a", "b"], WEIGHTS)
@@ -117,7 +118,7 @@ def test_cat_matches_peft_where_peft_is_right(tmp_path):
     assert_deltas(deltas(model, "c"), deltas(theirs, "c"))
 
 
-# -- linear: peft's definition ------------------------------------------------------------------------------------
+# -- linear: peft's definition ----------------------------------------------------------------------------------------
 def test_linear_is_peft_definition_with_its_cross_terms_and_equals_peft_factors(tmp_path):
     specs = (MLP_A, MLP_A.replace("lora_alpha=4", "lora_alpha=6, use_rslora=True"))  # equal ranks, mixed rsLoRA
     model, adapters = mlp_with(*specs)
@@ -132,8 +133,9 @@ def test_linear_is_peft_definition_with_its_cross_terms_and_equals_peft_factors(
     # ... and ΔW = B A with scaling 1 (not peft's result's scaling, which re-applies rsLoRA's)
     layer = model.get_submodule("head")
     scalings = [layer.scaling[n] for n in ("a", "b")]
-    a = sum(math.copysign(math.sqrt(abs(w * s)), w * s) * layer.lora_A[n].weight for n, w, s in zip("ab", WEIGHTS, scalings))
-    b = sum(math.sqrt(abs(w * s)) * layer.lora_B[n].weight for n, w, s in zip("ab", WEIGHTS, scalings))
+    roots = [math.sqrt(abs(w * s)) for w, s in zip(WEIGHTS, scalings)]
+    a = sum(math.copysign(t, w * s) * layer.lora_A[n].weight for n, t, w, s in zip("ab", roots, WEIGHTS, scalings))
+    b = sum(t * layer.lora_B[n].weight for n, t in zip("ab", roots))
     assert torch.allclose(deltas(model, "c")["head"], b @ a, atol=ATOL)
     # the cross terms B_a A_b, B_b A_a: linear is not Σ w_i ΔW_i for two adapters
     exact = weighted_sum(model, ["a", "b"], WEIGHTS)["head"]
@@ -156,7 +158,7 @@ def test_linear_with_unequal_ranks_on_a_layer_is_refused_naming_the_layer():
     assert adapters.names == ["a", "b"]
 
 
-# -- scaling and reloading: peft's bugs -----------------------------------------------------------------------------
+# -- scaling and reloading: peft's bugs -------------------------------------------------------------------------------
 def test_peft_reapplies_rslora_scaling_to_its_result_and_combine_does_not(tmp_path):
     """docs/usage.md says peft's result is off by √r with rsLoRA adapters: checked here, beside ours."""
     rslora = MLP_A.replace("lora_alpha=4", "lora_alpha=4, use_rslora=True")
@@ -309,7 +311,7 @@ def test_dare_draws_from_torch_global_generator():
     assert not torch.allclose(same["blocks.0.0"], other["blocks.0.0"])
 
 
-# -- a transformers model, embeddings and convolutions ------------------------------------------------------------------
+# -- a transformers model, embeddings and convolutions ----------------------------------------------------------------
 def test_tiny_llama_cat_svd_and_ties_and_reload(tmp_path):
     model = make_llama()
     adapters = adapterkit.attach(model)
@@ -363,7 +365,10 @@ def test_embedding_and_conv_layers(how, tmp_path):
     adapters = adapterkit.attach(model)
     torch.manual_seed(4)
     adapters.add("lora[r=2, lora_alpha=3, target_modules=['emb', 'conv', 'out'], init_lora_weights=False]", "a")
-    adapters.add("lora[r=3, lora_alpha=3, use_rslora=True, target_modules=['emb', 'conv'], init_lora_weights=False]", "b")
+    adapters.add(
+        "lora[r=3, lora_alpha=3, use_rslora=True, target_modules=['emb', 'conv'], init_lora_weights=False]",
+        "b",
+    )
     options = {"density": 0.5} if "ties" in how or "prune" in how else {}
     adapters.combine(["a", "b"], WEIGHTS, "c", how=how, **options)
     if how == "cat":
@@ -383,7 +388,7 @@ def test_embedding_and_conv_layers(how, tmp_path):
     assert torch.allclose(run(fresh, ids), run(model, ids), atol=1e-6)
 
 
-# -- refusals: typed, the model as it was -------------------------------------------------------------------------------
+# -- refusals: typed, the model as it was -----------------------------------------------------------------------------
 @pytest.mark.parametrize(
     ("how", "options", "match"),
     [

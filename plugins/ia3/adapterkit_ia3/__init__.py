@@ -74,7 +74,13 @@ class IA3Method(PeftMethod):
 
     @hookimpl
     def adapterkit_combine(
-        self, model: nn.Module, method: str, names: Sequence[str], weights: Sequence[float], how: str, options: dict[str, Any]
+        self,
+        model: nn.Module,
+        method: str,
+        names: Sequence[str],
+        weights: Sequence[float],
+        how: str,
+        options: dict[str, Any],
     ) -> tuple[IA3Config, dict[str, torch.Tensor]]:
         return combine(self, model, names, weights, how, options)
 

@@ -1,4 +1,4 @@
-"""``combine`` for IA3 (``adapterkit_combine``): v = 1 + Σ w_i (v_i - 1) per layer, against peft and the analytic result."""
+"""``combine`` for IA3 (``adapterkit_combine``): v = 1 + Σ w_i (v_i - 1) per layer, against peft and analytically."""
 
 from __future__ import annotations
 

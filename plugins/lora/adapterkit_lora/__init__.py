@@ -19,6 +19,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from .combine import combine
+
 __all__ = ["LoraMethod", "plugin"]
 
 
@@ -54,7 +55,13 @@ class LoraMethod(PeftMethod):
 
     @hookimpl
     def adapterkit_combine(
-        self, model: nn.Module, method: str, names: Sequence[str], weights: Sequence[float], how: str, options: dict[str, Any]
+        self,
+        model: nn.Module,
+        method: str,
+        names: Sequence[str],
+        weights: Sequence[float],
+        how: str,
+        options: dict[str, Any],
     ) -> tuple[LoraConfig, dict[str, torch.Tensor]]:
         return combine(self, model, names, weights, how, options)
 

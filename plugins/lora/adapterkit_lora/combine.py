@@ -94,6 +94,14 @@ def combine(
     """The config and tensors of the combination ``how`` of LoRA adapters ``names`` (``adapterkit_combine``)."""
     options = _check_options(how, options)
     layers = _layers(plugin, model, list(names), list(weights))
+    if how == "linear":  # peft's definition sums factors: equal ranks on each layer
+        for path, found in sorted(layers.items()):
+            if len({part.rank for part in found.parts}) != 1:
+                raise ConfigValueError(
+                    f"combine(how='linear') needs the adapters to have equal ranks on each layer; on {path!r} they "
+                    f"have ranks { {part.name: part.rank for part in found.parts} }. Use how='cat' (exact, any "
+                    "ranks) or how='svd'"
+                )
     rank = options.get("svd_rank") or max(part.rank for found in layers.values() for part in found.parts)
     combination = _combination(how, options, rank)
     state: dict[str, torch.Tensor] = {}
@@ -101,14 +109,7 @@ def combine(
     with torch.no_grad():
         for path in sorted(layers):  # the documented order (DARE's random masks)
             found = layers[path]
-            try:
-                a, b = combination(found.parts)
-            except _RankMismatch:
-                raise ConfigValueError(
-                    f"combine(how={how!r}) needs the adapters to have equal ranks on each layer; on {path!r} "
-                    f"they have ranks {({part.name: part.rank for part in found.parts})}. Use how='cat' (exact, "
-                    "any ranks) or how='svd'"
-                ) from None
+            a, b = combination(found.parts)
             first = found.parts[0]
             a = a.reshape(a.shape[0], *first.a.shape[1:])
             b = b.reshape(b.shape[0], a.shape[0], *first.b.shape[2:])
@@ -213,10 +214,6 @@ def _check_layer(layer: nn.Module, name: str, path: str) -> None:
         )
 
 
-class _RankMismatch(Exception):
-    """peft's "linear" on a layer where the adapters' ranks differ (the caller names them)."""
-
-
 # -- the combinations -------------------------------------------------------------------------------------------
 Combination = Callable[[list[_Part]], tuple[torch.Tensor, torch.Tensor]]
 
@@ -246,12 +243,9 @@ def _linear(parts: list[_Part]) -> tuple[torch.Tensor, torch.Tensor]:
 
     Its ΔW = B A holds the cross terms ``B_i A_j`` (i ≠ j); it equals ``Σ w_i ΔW_i`` only for one adapter.
     """
-    ranks = [part.rank for part in parts]
-    if len(set(ranks)) != 1:
-        raise _RankMismatch
     a = sum(math.copysign(math.sqrt(abs(p.weight * p.scaling)), p.weight * p.scaling) * p.a for p in parts)
     b = sum(math.sqrt(abs(p.weight * p.scaling)) * p.b for p in parts)
-    return a.reshape(ranks[0], -1), b.reshape(b.shape[0], -1)  # type: ignore[union-attr]
+    return a.reshape(parts[0].rank, -1), b.reshape(b.shape[0], -1)  # type: ignore[union-attr]
 
 
 def _cat(parts: list[_Part]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -264,7 +258,7 @@ def _cat(parts: list[_Part]) -> tuple[torch.Tensor, torch.Tensor]:
 def _factor(
     delta: torch.Tensor, rank: int | None = None, clamp: float | None = None, full_matrices: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``delta`` as ``B @ A`` with ``B = U S``, ``A = Vh``: the best rank-``rank`` approximation, or exact (``None``)."""
+    """``delta`` as ``B @ A`` (``B = U S``, ``A = Vh``): its best rank-``rank`` approximation, or exact (``None``)."""
     u, s, vh = torch.linalg.svd(delta, full_matrices=full_matrices)
     if rank is None:  # exact: every singular value above float rounding
         rank = max(1, int((s > s[0] * max(delta.shape) * torch.finfo(s.dtype).eps).sum()))

@@ -17,8 +17,6 @@ def exact_modules(paths: Sequence[str], others: Iterable[str], separator: str = 
     a regex of the escaped paths, which peft matches against whole paths.
     """
     chosen = sorted(set(paths))
-    if any(
-        path not in chosen and any(path.endswith(f"{separator}{target}") for target in chosen) for path in others
-    ):
+    if any(path not in chosen and any(path.endswith(f"{separator}{target}") for target in chosen) for path in others):
         return "|".join(re.escape(path) for path in chosen)
     return chosen
