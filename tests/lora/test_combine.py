@@ -16,10 +16,11 @@ from conftest import Fingerprint, llama_input, make_llama, make_mlp, mlp_input, 
 from peft import PeftModel
 from peft.tuners.lora import LoraLayer
 from peft.utils import merge_utils
+from toy_plugin import ScalePlugin
 from torch import nn
 
 import adapterkit
-from adapterkit import ConfigValueError, UnsupportedOperationError
+from adapterkit import ConfigValueError, MethodRegistry, UnsupportedOperationError, make_plugin_manager
 
 MLP_A = "lora[r=2, lora_alpha=4, target_modules=['blocks.0.0', 'head'], init_lora_weights=False]"
 # other rank, rsLoRA, other targets (embed only in b, head only in a)
@@ -439,3 +440,21 @@ def test_adapters_that_are_not_plain_lora_are_refused(spec, match):
         adapters.combine(["a", "b"], WEIGHTS, "c", how="cat")
     before.assert_same(model, x)
     assert adapters.names == ["a", "b"]
+
+
+def test_adapters_of_several_methods_or_of_a_method_without_the_hook_are_refused_by_the_core():
+    pm = make_plugin_manager()
+    pm.register(ScalePlugin(), name="toy")
+    model = make_mlp()
+    adapters = adapterkit.attach(model, MethodRegistry(pm))
+    adapters.add("lora[r=2, target_modules=['blocks.0.0'], init_lora_weights=False]", "a")
+    adapters.add("scale[target_modules=['head'], init=2.0]", "s")
+    adapters.add("scale[target_modules=['head'], init=3.0]", "t")
+    x = mlp_input()
+    before = Fingerprint(model, x)
+    with pytest.raises(ConfigValueError, match=r"several methods \(\['lora', 'scale'\]\)"):
+        adapters.combine(["a", "s"], WEIGHTS, "c", how="cat")
+    with pytest.raises(UnsupportedOperationError, match="'scale'.*does not support combining"):
+        adapters.combine(["s", "t"], WEIGHTS, "c")
+    before.assert_same(model, x)
+    assert adapters.names == ["a", "s", "t"]
