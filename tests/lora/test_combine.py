@@ -343,6 +343,33 @@ def test_tiny_llama_cat_svd_and_ties_and_reload(tmp_path):
         assert torch.allclose(run(theirs, x), ours, atol=1e-5), name
 
 
+def test_gpt2_conv1d_layers_with_fan_in_fan_out(tmp_path):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    def make():
+        torch.manual_seed(0)
+        config = GPT2Config(n_embd=32, n_layer=2, n_head=4, vocab_size=64, n_positions=16, bos_token_id=0)
+        config.eos_token_id = 0
+        return GPT2LMHeadModel(config).eval()
+
+    model = make()
+    adapters = adapterkit.attach(model)
+    torch.manual_seed(1)
+    conv1d = "fan_in_fan_out=True, init_lora_weights=False"  # GPT-2's Conv1D layers store their weights transposed
+    adapters.add(f"lora[r=2, target_modules=['c_attn', 'c_proj'], {conv1d}]", "a")
+    adapters.add(f"lora[r=3, use_rslora=True, target_modules=['c_attn'], {conv1d}]", "b")
+    adapters.combine(["a", "b"], WEIGHTS, "c", how="cat")
+    adapters.combine(["a", "b"], WEIGHTS, "d", how="svd", svd_rank=2)
+    expected = weighted_sum(model, ["a", "b"], WEIGHTS)
+    assert_deltas(deltas(model, "c"), expected)
+    assert_deltas(deltas(model, "d"), {p: best_rank(d, 2) for p, d in expected.items()})
+    x = llama_input()
+    adapters.set_active("c")
+    adapters.save(tmp_path, ["c"])
+    theirs = PeftModel.from_pretrained(make(), tmp_path / "c").eval()
+    assert torch.allclose(run(theirs, x), run(model, x), atol=1e-6)
+
+
 class Mixed(nn.Module):
     def __init__(self) -> None:
         super().__init__()
