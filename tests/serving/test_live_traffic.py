@@ -210,6 +210,7 @@ def loader_ops(adapters: adapterkit.Adapters, others: list, count: int, keep: fr
 
 
 def test_loads_swaps_and_deletes_beside_forwards_change_no_output(traffic):
+    """200 loads (activate=False), swaps (adapterkit_swap) and deletes of inactive adapters beside forwards: 0 wrong."""
     model, x = make_llama(), tokens()
     adapters = adapterkit.attach(model)
     config, state = traffic["live"]
