@@ -49,6 +49,7 @@ from .heads import (
     set_active_heads,
     warn_untied,
 )
+from . import banks
 from .quantized import keep_quantized_weights, restore_quantized_weights
 from .stacking import stack_aware
 from .state import check_state_dict, without_saved_base_weights
@@ -210,6 +211,11 @@ class PeftMethod:
             warn_untied(model, method, name, config, sites)
         if bias_option(config) != "none":
             new_adapter_biases(model, self.name, name, config, self.sites(model, name))
+        if banks.prepared(model, self.name) is not None:
+            # Prepared for compiled switching: the adapter must fit the banks (else the core rolls back).
+            banks.check_fits(model, self.name, name, self.sites(model, name))
+            if not empty:
+                self._adopt(model, name)
 
     def _inject(
         self, model: nn.Module, method: str, name: str, config: Any, empty: bool, autocast_adapter_dtype: bool
@@ -332,9 +338,19 @@ class PeftMethod:
     # -- activity -------------------------------------------------------------------
     @hookimpl
     def adapterkit_set_active(
-        self, model: nn.Module, method: str, names: Sequence[str], trainable: Sequence[str]
+        self,
+        model: nn.Module,
+        method: str,
+        names: Sequence[str],
+        trainable: Sequence[str],
+        weights: Sequence[float] | None,
     ) -> None:
         names, wanted = list(names), set(trainable)
+        if weights is not None and banks.prepared(model, self.name) is None:
+            raise UnsupportedOperationError(
+                f"set_active: weights for {self.name} adapters need prepare_compiled() on this branch"
+            )
+        banks.set_active(model, self.name, names, weights)
         cache = model.__dict__.setdefault(_CACHE, {})
         previous = cache.get((self.name, "trainable"))
         fresh = cache.pop((self.name, "fresh"), set())
@@ -445,6 +461,25 @@ class PeftMethod:
                 moved |= upcast(layer, name)  # what the file held in half precision, as peft casts it
             freeze_bookkeeping(layer, name)
         self._renewed(model, name, None if moved else params)
+        if banks.prepared(model, self.name) is not None:
+            banks.check_fits(model, self.name, name, [s for s in self.sites(model, name)])
+            self._adopt(model, name)
+
+    def _adopt(self, model: nn.Module, name: str) -> None:
+        """Put adapter ``name`` into its slot of the banks; its parameters become views of it."""
+        banks.adopt(model, self.name, name)
+        self._renewed(model, name)
+
+    def _prepare_compiled(
+        self, model: nn.Module, max_rank: int | None, targets: Sequence[str] | None, max_adapters: int | None
+    ) -> None:
+        """``adapterkit_prepare_compiled`` for the methods with banks (LoRA, IA3: see :mod:`adapterkit_peft.banks`)."""
+        sites = self.sites(model)
+        names = list(dict.fromkeys(n for site in sites for n in adapters_held(site.layer)))
+        banks.prepare(model, self.name, sites, names, max_rank=max_rank, targets=targets, max_adapters=max_adapters)
+        self.forget(model)
+        for name in names:
+            self._renewed(model, name)
 
     def _renewed(self, model: nn.Module, name: str, params: list[nn.Parameter] | None = None) -> None:
         """Adapter ``name`` has new parameter objects (``params``, when known): set_active must set their requires_grad."""
@@ -519,6 +554,7 @@ class PeftMethod:
 
     @hookimpl
     def adapterkit_delete(self, model: nn.Module, method: str, name: str) -> None:
+        banks.forget_slot(model, self.name, name)
         delete_heads(model, name)
         model.__dict__.get(_CACHE, {}).pop(HEADS_KEY, None)
         forget_adapter_biases(model, name)
@@ -528,7 +564,7 @@ class PeftMethod:
                 # peft picks a new active adapter and says so; the core re-applies its own active set.
                 warnings.filterwarnings("ignore", message="Adapter .* was active which is now deleted")
                 site.layer.delete_adapter(name)
-            if is_empty(site.layer):
-                # Unwrap: put back the module this layer replaced.
+            if is_empty(site.layer) and not banks.keeps(model, site.layer):
+                # Unwrap: put back the module this layer replaced (a prepared layer stays, with its banks).
                 setattr(site.parent, site.attr, site.layer.base_layer)
         self.forget(model)
