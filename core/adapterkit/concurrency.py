@@ -15,14 +15,18 @@ The thread model (docs/guarantees.md, "Threads"):
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import threading
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any, TypeVar
+
+import torch
+from torch import nn
 
 from .errors import AdapterStateError
 
-__all__ = ["OpenBlocks", "serialised"]
+__all__ = ["ForwardGate", "OpenBlocks", "gate", "serialised"]
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -64,3 +68,104 @@ class OpenBlocks:
                     f"cannot {operation} while a per_sample block is open on this model (thread {thread!r}, "
                     f"rows {rows[:8]}{'...' if len(rows) > 8 else ''}); wait until the block exits"
                 )
+
+
+# -- the forward gate ----------------------------------------------------------------
+
+_GATE_ATTR = "_adapterkit_gate"
+
+
+class ForwardGate:
+    """Forwards in flight on one model, and a writer that waits for them (see :func:`gate`).
+
+    A forward of the root model enters in its forward pre-hook and leaves in an ``always_call``
+    forward hook (also when it raises). An operation that changes what forwards compute
+    (:meth:`closed`) waits until no other thread has a forward in flight and holds new ones
+    back while it writes: every forward sees the state before or after it, never half of each.
+    Forwards of the writing thread itself (an operation run inside a forward hook) pass, and a
+    thread's nested forwards of the same model count once. Copies and pickles get a new gate.
+    """
+
+    def __init__(self) -> None:
+        self._condition = threading.Condition(threading.Lock())
+        self._running: dict[int, int] = {}  # thread id -> forwards of this model it is inside
+        self._writer: int | None = None
+        self._writes = 0  # the writer's nesting depth
+
+    def __reduce__(self) -> Any:
+        return ForwardGate, ()
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> ForwardGate:
+        return ForwardGate()
+
+    def enter(self) -> None:
+        me = threading.get_ident()
+        with self._condition:
+            depth = self._running.get(me, 0)
+            if depth == 0:
+                while self._writer is not None and self._writer != me:
+                    self._condition.wait()
+            self._running[me] = depth + 1
+
+    def leave(self) -> None:
+        me = threading.get_ident()
+        with self._condition:
+            depth = self._running.get(me, 0)
+            if depth <= 1:
+                # (0: a forward that began before the gate's hooks were installed)
+                self._running.pop(me, None)
+                self._condition.notify_all()
+            else:
+                self._running[me] = depth - 1
+
+    @contextlib.contextmanager
+    def closed(self) -> Iterator[None]:
+        """Inside the block no forward of another thread is in flight, and none starts."""
+        me = threading.get_ident()
+        with self._condition:
+            if self._writer != me:
+                while self._writer is not None:
+                    self._condition.wait()
+                self._writer = me  # from now on, new forwards of other threads wait
+                while any(thread != me for thread in self._running):
+                    self._condition.wait()
+            self._writes += 1
+        try:
+            yield
+        finally:
+            with self._condition:
+                self._writes -= 1
+                if not self._writes:
+                    self._writer = None
+                    self._condition.notify_all()
+
+
+# torch.compile must not trace into the gate (a graph break inside the compiled graph, or guards on
+# its state): the hooks run outside any graph, before and after it.
+@torch.compiler.disable
+def _enter(module: nn.Module, args: Any) -> None:
+    found = module.__dict__.get(_GATE_ATTR)
+    if found is not None:
+        found.enter()
+
+
+@torch.compiler.disable
+def _leave(module: nn.Module, args: Any, output: Any) -> None:
+    found = module.__dict__.get(_GATE_ATTR)
+    if found is not None:
+        found.leave()
+
+
+def gate(model: nn.Module) -> ForwardGate:
+    """The forward gate of ``model``, installed on first use: a forward pre-hook and an ``always_call``
+    forward hook on ``model`` itself (module-level functions that find the gate on the module they
+    run for, so copies and pickles of the model keep working and count their own forwards)."""
+    found = model.__dict__.get(_GATE_ATTR)
+    if found is None:
+        candidate = ForwardGate()
+        found = model.__dict__.setdefault(_GATE_ATTR, candidate)
+        if found is candidate:  # two threads attaching at once install the hooks once
+            # First among the pre-hooks, so that it has entered whatever the others do.
+            model.register_forward_pre_hook(_enter, prepend=True)
+            model.register_forward_hook(_leave, always_call=True)
+    return found

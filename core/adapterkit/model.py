@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from . import files, training
-from .concurrency import OpenBlocks, serialised
+from .concurrency import OpenBlocks, gate, serialised
 from .configs import checkpoint_method, config_to_dict, resolve_config
 from .layers import AdaptedLayer, adapted_layers
 from .merging import merge_order, runs
@@ -299,6 +299,15 @@ class Adapters:
     def _call(self, method: Method, hook: str, **kwargs: Any) -> Any:
         return self.registry.call(method, hook, model=self.model, **kwargs)
 
+    def _changing(self, names: Sequence[str] | None = None) -> contextlib.AbstractContextManager[None]:
+        """Hold other threads' forwards back while what they compute changes (see :class:`~adapterkit.concurrency.ForwardGate`).
+
+        Given ``names``, only when one of them is active and adapters are enabled (else forwards do not read them).
+        """
+        if names is not None and not (self._enabled and any(n in self._active for n in names)):
+            return contextlib.nullcontext()
+        return gate(self.model).closed()
+
     def _apply_active(self) -> None:
         for method in self._methods():
             names = [n for n in self._active if self._adapters[n].method == method]
@@ -437,6 +446,9 @@ class Adapters:
             method=method,
             allow_nonfinite=allow_nonfinite,
         )
+        if state_dict is not None:
+            # The adapter owns its tensors, as when read from files: swap() and weights write into them in place.
+            tensors = {key: value.detach().clone() for key, value in tensors.items()}
         self._attach(
             name,
             method_found,
@@ -540,7 +552,7 @@ class Adapters:
         if isinstance(source_or_state_dict, Mapping):
             source, state_dict = None, source_or_state_dict
             if load_kwargs.get("config") is None:
-                load_kwargs["config"] = copy.deepcopy(adapter.config)
+                load_kwargs["config"] = copy.deepcopy(adapter.config)  # (a plugin may normalise the config it gets)
         else:
             source, state_dict = source_or_state_dict, None
         method, config, tensors = self._read(source, name, state_dict=state_dict, operation="swap", **load_kwargs)
@@ -549,11 +561,12 @@ class Adapters:
                 f"cannot swap adapter {name!r} ({adapter.method.name}) for a {method.name!r} adapter; "
                 "swap replaces weights of the same method: delete() and load() instead"
             )
-        if self.registry.implements(method, "adapterkit_swap"):
-            self._call(method, "adapterkit_swap", name=name, config=config, state_dict=tensors)
-            adapter.config = config
-            return
-        self._replace(name, config, tensors)
+        with self._changing([name]):  # an inactive adapter is swapped beside live forwards
+            if self.registry.implements(method, "adapterkit_swap"):
+                self._call(method, "adapterkit_swap", name=name, config=config, state_dict=tensors)
+                adapter.config = config
+                return
+            self._replace(name, config, tensors)
 
     def _replace(self, name: str, config: Any, tensors: dict[str, torch.Tensor]) -> None:
         """Swap without the plugin's help: delete, then load under the same name; the old adapter back on failure."""
@@ -732,7 +745,10 @@ class Adapters:
             if not self._enabled:
                 # New layers start enabled: while adapters are disabled, the new adapter is too.
                 self._call(method, "adapterkit_disable")
-            self._apply_active()
+            # New layers start with the active adapters of before (the plugin's job): only the switch
+            # to the new adapter, if any, changes what forwards compute.
+            with self._changing() if activate else contextlib.nullcontext():
+                self._apply_active()
         except BaseException:
             self._adapters.pop(name, None)
             self._method_list = None
@@ -765,38 +781,55 @@ class Adapters:
         if self._merged:
             raise AdapterStateError(f"cannot change the active adapters while {self._merged} are merged; unmerge() first")
         found = self._check_weights(items, weights)
+        reweighed = sorted(n for n in {*found, *self._weights} if found.get(n, 1.0) != self._weights.get(n, 1.0))
+        if reweighed:
+            # per_sample rows compute their adapters at the weights of when the block opened.
+            self._blocks.refuse(f"change the weights of {reweighed}", reweighed)
         previous, previous_weights = self._active, self._weights
-        self._active, self._weights = items, found
-        try:
-            self._apply_active()
-        except BaseException:
-            # A plugin refused the new set (e.g. two active adapters with their own copy of one head):
-            # the old set is the state, on every method's layers too.
-            self._active, self._weights = previous, previous_weights
-            with contextlib.suppress(Exception):
+        with self._changing():  # a concurrent forward sees the old set or the new one, never half of each
+            self._active, self._weights = items, found
+            try:
                 self._apply_active()
-            raise
+            except BaseException:
+                # A plugin refused the new set (e.g. two active adapters with their own copy of one head):
+                # the old set is the state, on every method's layers too.
+                self._active, self._weights = previous, previous_weights
+                with contextlib.suppress(Exception):
+                    self._apply_active()
+                raise
 
     @serialised
     def disable(self) -> None:
         """Make the model compute as without adapters (adapters stay attached). Unmerges merged adapters first."""
         self._require_adapters("disable adapters")
         self._blocks.refuse("disable adapters")
-        if self._merged:
-            self.unmerge()
-        for method in self._methods():
-            self._call(method, "adapterkit_disable")
-        self._enabled = False
-        self._apply_active()
+        with self._changing():
+            if self._merged:
+                self.unmerge()
+            for method in self._methods():
+                self._call(method, "adapterkit_disable")
+            self._enabled = False
+            self._apply_active()
 
     @serialised
     def enable(self) -> None:
         """Undo :meth:`disable`."""
         self._require_adapters("enable adapters")
-        for method in self._methods():
-            self._call(method, "adapterkit_enable")
-        self._enabled = True
-        self._apply_active()
+        with self._changing():
+            for method in self._methods():
+                self._call(method, "adapterkit_enable")
+            self._enabled = True
+            try:
+                self._apply_active()
+            except BaseException:
+                # A plugin refused the active set once enabled (e.g. a weight on an adapter that would train now).
+                self._enabled = False
+                for method in self._methods():
+                    with contextlib.suppress(Exception):
+                        self._call(method, "adapterkit_disable")
+                with contextlib.suppress(Exception):
+                    self._apply_active()
+                raise
 
     @contextlib.contextmanager
     def disabled(self) -> Iterator[None]:
@@ -910,18 +943,19 @@ class Adapters:
             can_merge=lambda method: self.registry.implements(self.registry.get(method), "adapterkit_merge"),
         )
         done: list[tuple[Method, list[str]]] = []
-        try:
-            for group in runs(order, self.method):
-                method = self._adapters[group[0]].method
-                self._call(method, "adapterkit_merge", names=group)
-                done.append((method, group))
-                self._merged.extend(group)
-        except BaseException:
-            for method, group in reversed(done):
-                with contextlib.suppress(Exception):
-                    self._call(method, "adapterkit_unmerge", names=group)
-                self._merged = [n for n in self._merged if n not in group]
-            raise
+        with self._changing():
+            try:
+                for group in runs(order, self.method):
+                    method = self._adapters[group[0]].method
+                    self._call(method, "adapterkit_merge", names=group)
+                    done.append((method, group))
+                    self._merged.extend(group)
+            except BaseException:
+                for method, group in reversed(done):
+                    with contextlib.suppress(Exception):
+                        self._call(method, "adapterkit_unmerge", names=group)
+                    self._merged = [n for n in self._merged if n not in group]
+                raise
 
     @serialised
     def unmerge(self) -> None:
@@ -929,9 +963,10 @@ class Adapters:
         self._require_adapters("unmerge")
         if not self._merged:
             raise AdapterStateError("nothing to unmerge: no adapter is merged (adapters.merged is empty); merge() first")
-        for group in reversed(runs(self._merged, self.method)):
-            self._call(self._adapters[group[0]].method, "adapterkit_unmerge", names=group)
-            self._merged = self._merged[: -len(group)]
+        with self._changing():
+            for group in reversed(runs(self._merged, self.method)):
+                self._call(self._adapters[group[0]].method, "adapterkit_unmerge", names=group)
+                self._merged = self._merged[: -len(group)]
 
     @serialised
     def layers(self) -> list[AdaptedLayer]:
@@ -957,12 +992,15 @@ class Adapters:
         if name in self._merged:
             raise AdapterStateError(f"adapter {name!r} is merged; unmerge() before deleting it")
         self._blocks.refuse(f"delete adapter {name!r}", [name])
-        self._call(adapter.method, "adapterkit_delete", name=name)
-        del self._adapters[name]
-        self._method_list = None
-        self._active = [n for n in self._active if n != name]
-        self._weights.pop(name, None)
-        self._apply_active()
+        # An inactive adapter leaves without stopping forwards: no forward reads it, and its layers unwrap
+        # one assignment at a time (see docs/guarantees.md, "Threads").
+        with self._changing([name]):
+            self._call(adapter.method, "adapterkit_delete", name=name)
+            del self._adapters[name]
+            self._method_list = None
+            self._active = [n for n in self._active if n != name]
+            self._weights.pop(name, None)
+            self._apply_active()
 
     # -- training --------------------------------------------------------------
     @serialised
@@ -1067,6 +1105,7 @@ def attach(model: nn.Module, registry: MethodRegistry | None = None) -> Adapters
         # Plain attribute, not a submodule: the record must not appear in model.state_dict().
         # setdefault: two threads attaching at once share one record (and its lock).
         record = model.__dict__.setdefault(_HANDLE_ATTR, handle._record)
+        gate(model)  # counts forwards in flight from now on (see adapterkit.concurrency)
         if record is handle._record:
             return handle
     if registry is not None and registry is not record.registry:

@@ -49,6 +49,8 @@ HOOK_TESTS: dict[str, list[str]] = {
         f"{CONTRACT}::test_set_active_and_none",
         "tests/lora/test_lora_peft.py::test_set_active_matches_peft",
         "tests/multi/test_methods_together.py::test_set_active_across_methods_and_disable",
+        "tests/serving/test_weights.py::test_lora_weight_equals_peft_with_alpha_times_weight",
+        "tests/serving/test_live_traffic.py::test_set_active_is_atomic_for_a_concurrent_forward",
         f"{BOTTLENECK}::test_several_active_adapters_add_their_deltas",
     ],
     "adapterkit_enable": [
@@ -121,5 +123,10 @@ HOOK_TESTS: dict[str, list[str]] = {
         "plugins/dispatch/tests/test_dispatch.py::test_cpu_and_disk_offload_gives_the_undispatched_outputs",
         "plugins/dispatch/tests/test_dispatch.py::test_the_plugin_is_found_through_its_entry_point",
         f"{BOTTLENECK}::test_loads_onto_a_dispatched_model_with_disk_offload",
+    ],
+    "adapterkit_swap": [
+        "tests/serving/test_swap.py::test_swap_in_place_equals_a_fresh_load",
+        "tests/serving/test_swap.py::test_what_does_not_fit_in_place_is_refused_and_nothing_changes",
+        "tests/serving/test_live_traffic.py::test_loads_swaps_and_deletes_beside_forwards_change_no_output",
     ],
 }

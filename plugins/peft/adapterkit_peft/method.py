@@ -52,7 +52,10 @@ from .heads import (
 from . import banks
 from .quantized import keep_quantized_weights, restore_quantized_weights
 from .stacking import stack_aware
-from .state import check_state_dict, without_saved_base_weights
+from .state import check_state_dict
+from .swap import swap_in_place, without_saved_base_weights
+from .weighting import apply_weights, check_weights, original
+from .weighting import forget as forget_weight
 from .validation import check_memory, merge_errors, peft_errors, validate_peft_config, warn_unmatched_patterns
 
 __all__ = ["PeftMethod"]
@@ -225,6 +228,7 @@ class PeftMethod:
             return
         if not empty:
             check_memory(method, name, config, model)  # a load's weights are empty: only an add allocates them
+        active = self.current_active(model)
         # peft's tuner retouches layers and the requires_grad of every method's adapters
         cache = model.__dict__.get(_CACHE, {})
         for key in [k for k in cache if isinstance(k, tuple)]:
@@ -236,7 +240,7 @@ class PeftMethod:
             # The tuner wraps the targets in place; we keep the layers, not the tuner. For a load, its
             # weights are empty (peft's own low_cpu_mem_usage would patch torch for the whole process).
             with peft_errors(method, name), empty_weights() if empty else contextlib.nullcontext():
-                self._tuner_class(model, config, adapter_name=name, low_cpu_mem_usage=False)
+                self._tuner_class(model, config, adapter_name=name, low_cpu_mem_usage=False, adapterkit_active=active)
         finally:
             # peft leaves model.peft_config behind; adapterkit keeps configs itself.
             model.__dict__.pop("peft_config", None)
@@ -256,6 +260,14 @@ class PeftMethod:
                 if autocast_adapter_dtype:
                     upcast(site.layer, name)
                 freeze_bookkeeping(site.layer, name)
+
+    def current_active(self, model: nn.Module) -> list[str]:
+        """This method's active adapters as its layers hold them (what a newly wrapped layer must start with)."""
+        known = model.__dict__.get(_CACHE, {}).get((self.name, "active"))
+        if known is not None:
+            return list(known)
+        layers = self.layers(model)
+        return list(layers[0].active_adapters) if layers else []
 
     def _upcast_on_load(self, model: nn.Module, name: str, flag: bool) -> None:
         # The load that follows places the file's tensors in the layer's dtype, then upcasts them (as peft does).
@@ -286,6 +298,7 @@ class PeftMethod:
         if not self._direct_load_fits(config):
             return False
         tuner = bare_tuner(self._tuner_class, model, name, config)
+        tuner.__dict__["_adapterkit_active"] = self.current_active(model)  # new layers start with these
         # The load places the adapter's weights itself (see place()): skip peft's device scan of each new layer.
         tuner.__dict__["_adapterkit_direct"] = True
         with peft_errors(method, name):
@@ -352,12 +365,19 @@ class PeftMethod:
             )
         banks.set_active(model, self.name, names, weights)
         cache = model.__dict__.setdefault(_CACHE, {})
+        layers = self.layers(model)
+        weighted = {n: float(w) for n, w in zip(names, weights or ()) if w != 1.0}
+        check_weights(method, layers, weighted, trainable)  # before anything changes
         previous = cache.get((self.name, "trainable"))
         fresh = cache.pop((self.name, "fresh"), set())
-        layers = self.layers(model)
         for layer in layers:
             # Straight into __dict__: nn.Module.__setattr__ checks three registries per call.
             layer.__dict__["_active_adapter"] = names
+        if weighted or cache.get((self.name, "weighted"), True):  # unknown (cache cleared): look
+            apply_weights(layers, weighted)
+        cache[(self.name, "weighted")] = bool(weighted)
+        # Layers a later load wraps for the first time start with these (see creation.keep_activity).
+        cache[(self.name, "active")] = names
         # Only adapters whose trainability changes (or whose parameters are new) are touched:
         # switching among frozen adapters costs the same with 2 or 100 of them loaded.
         if previous is None:
@@ -421,7 +441,11 @@ class PeftMethod:
 
     @hookimpl
     def adapterkit_extract_state(self, model: nn.Module, method: str, name: str) -> dict[str, torch.Tensor]:
-        state = {key: getattr(owner, leaf).detach() for key, (_, owner, leaf) in self._expected(model, name).items()}
+        # A weighted (IA)^3 vector holds the weighted values while active: the adapter's own are kept aside.
+        state = {
+            key: original(site.layer, name, getattr(owner, leaf)).detach()
+            for key, (site, owner, leaf) in self._expected(model, name).items()
+        }
         state.update(head_state(model, name))
         biases = biases_of(model).get(name)
         return state if biases is None else {**state, **biases.state()}
@@ -490,6 +514,13 @@ class PeftMethod:
             known.pop(name, None)
         else:
             known[name] = params
+
+    @hookimpl
+    def adapterkit_swap(
+        self, model: nn.Module, method: str, name: str, config: Any, state_dict: dict[str, torch.Tensor]
+    ) -> None:
+        # In place (see adapterkit_peft.swap): the adapter's parameters keep their identity.
+        swap_in_place(self, model, name, config, state_dict)
 
     # -- merging and deleting ---------------------------------------------------------
     @hookimpl
@@ -560,6 +591,7 @@ class PeftMethod:
         forget_adapter_biases(model, name)
         # Innermost first: a layer nested in another's base is unwrapped before its outer layer is.
         for site in reversed(self.sites(model, name)):
+            forget_weight(site.layer, name)
             with warnings.catch_warnings():
                 # peft picks a new active adapter and says so; the core re-applies its own active set.
                 warnings.filterwarnings("ignore", message="Adapter .* was active which is now deleted")
