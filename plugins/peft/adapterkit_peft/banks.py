@@ -43,9 +43,11 @@ from peft.tuners.ia3.layer import Linear as IA3Linear
 from peft.tuners.lora import Linear as LoraLinear
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
-from torch.nn import functional as F
 
+from . import kernels
 from .creation import empty_weights
+from .kernels import BASE as NO_SLOT
+from .kernels import plan_rows
 
 __all__ = ["Prepared", "Routing", "adopt", "forget_slot", "keeps", "per_sample", "prepare", "prepared", "set_active"]
 
@@ -70,9 +72,11 @@ class Routing:
         self.slots = torch.full((1,), null, dtype=torch.long, device=device)
         self.weights = torch.zeros(1, device=device)
         self.rows = torch.full((1,), null, dtype=torch.long, device=device)
+        self.slot_weights = torch.ones(null + 1, device=device)  # per_sample: each slot's set_active weight
+        self.plan: Any = None  # per_sample, eager: the rows grouped by slot (kernels.RowPlan)
         self.per_sample = False
         self.owner: int | None = None
-        self.blocks: dict[int, list[torch.Tensor]] = {}  # thread id -> rows of its open blocks, innermost last
+        self.blocks: dict[int, list[_Block]] = {}  # thread id -> its open blocks, innermost last
 
     def activate(self, slots: Sequence[int], weights: Sequence[float]) -> None:
         if not slots:
@@ -85,6 +89,13 @@ class Routing:
         else:
             # Another number of active adapters: other shapes (a compiled model compiles once per count).
             self.slots, self.weights = new_slots.to(self.device), new_weights.to(self.device)
+
+
+class _Block:
+    """One open per_sample block of a method: each row's slot, each slot's weight, the eager grouping."""
+
+    def __init__(self, rows: torch.Tensor, slot_weights: torch.Tensor, plan: Any) -> None:
+        self.rows, self.slot_weights, self.plan = rows, slot_weights, plan
 
 
 class Prepared:
@@ -358,6 +369,10 @@ def adopt(model: nn.Module, method: str, name: str) -> None:
 def _write(kind: str, layer: nn.Module, name: str, slot: int) -> None:
     if kind == "lora":
         bank_a, bank_b, scale = layer.adapterkit_A, layer.adapterkit_B, layer.adapterkit_scale
+        held = name in layer.lora_A
+        # Copies first: the parameters may already be views of this slot.
+        values_a = layer.lora_A[name].weight.detach().clone() if held else None
+        values_b = layer.lora_B[name].weight.detach().clone() if held else None
         bank_a[slot].zero_()
         bank_b[slot].zero_()
         scale[slot] = 0.0
@@ -366,20 +381,21 @@ def _write(kind: str, layer: nn.Module, name: str, slot: int) -> None:
         lora_a, lora_b = layer.lora_A[name], layer.lora_B[name]
         rank = lora_a.weight.shape[0]
         with torch.no_grad():
-            bank_a[slot, :rank].copy_(lora_a.weight)
-            bank_b[slot, :, :rank].copy_(lora_b.weight)
+            bank_a[slot, :rank].copy_(values_a)
+            bank_b[slot, :, :rank].copy_(values_b)
         scale[slot] = base_scaling(layer, name)
         lora_a.weight = nn.Parameter(bank_a[slot, :rank], requires_grad=lora_a.weight.requires_grad)
         lora_b.weight = nn.Parameter(bank_b[slot, :, :rank], requires_grad=lora_b.weight.requires_grad)
         return
+    vector = layer.ia3_l[name] if name in layer.ia3_l else None
+    values = None if vector is None else vector.detach().clone()  # it may be a view of this slot already
     layer.adapterkit_in[slot].fill_(1.0)
     layer.adapterkit_out[slot].fill_(1.0)
-    if name not in layer.ia3_l:
+    if vector is None:
         return
-    vector = layer.ia3_l[name]
     bank = layer.adapterkit_in if vector.shape[0] == 1 else layer.adapterkit_out  # (1, in) feedforward, (out, 1)
     with torch.no_grad():
-        bank[slot].copy_(vector.flatten())
+        bank[slot].copy_(values.flatten())
     view = bank[slot].view(1, -1) if vector.shape[0] == 1 else bank[slot].view(-1, 1)
     layer.ia3_l[name] = nn.Parameter(view, requires_grad=vector.requires_grad)
 
@@ -406,14 +422,97 @@ def forget_slot(model: nn.Module, method: str, name: str) -> None:
             layer.adapterkit_out[slot].fill_(1.0)
 
 
-def set_active(model: nn.Module, method: str, names: Sequence[str], weights: Sequence[float] | None) -> None:
-    """Write the active adapters (and weights) of ``method`` into its routing tensors; remembered before prepare too."""
+def set_active(model: nn.Module, method: str, names: Sequence[str], weights: Sequence[float] | None) -> bool:
+    """Write the active adapters (and weights) of ``method`` into its routing tensors; False when not prepared.
+
+    Remembered before preparation too (preparing starts from them).
+    """
     model.__dict__.setdefault(KEY, {})[("active", method)] = (list(names), None if weights is None else list(weights))
     state = prepared(model, method)
     if state is None:
-        return
+        return False
     weights = list(weights) if weights is not None else [1.0] * len(names)
     state.routing.activate([state.slot_of[n] for n in names], weights)
+    return True
+
+
+# -- swap ----------------------------------------------------------------------------------------------------------
+def remember_config(model: nn.Module, method: str, name: str, config: Any) -> None:
+    """Keep adapter ``name``'s config: a swap into its slot puts the old adapter back from it if the new one fails."""
+    configs = model.__dict__.setdefault(KEY, {}).setdefault(("configs", method), {})
+    if config is None:
+        configs.pop(name, None)
+    else:
+        configs[name] = config
+
+
+def swap(method: Any, model: nn.Module, name: str, config: Any, state_dict: dict[str, torch.Tensor]) -> None:
+    """``adapterkit_swap`` on a prepared model: the new adapter goes into ``name``'s slot.
+
+    The same targets and ranks: the values are copied into the parameters (views of the slot), as the
+    eager swap does. Other ranks (up to ``max_rank``) or other targets (among the prepared layers): the
+    adapter is rebuilt in its slot; if that fails, the old one is put back.
+    """
+    from .swap import plan_swap, write_swap
+
+    state = prepared(model, method.name)
+    assert state is not None
+    try:
+        plan = plan_swap(method, model, name, config, state_dict)
+    except UnsupportedOperationError:
+        plan = None
+    if plan is not None:
+        write_swap(model, plan)
+        adopt(model, method.name, name)  # the new scalings into the slot
+        return
+    _check_swap_fits(state, method.name, name, state_dict)
+    old_config = model.__dict__.get(KEY, {}).get(("configs", method.name), {}).get(name)
+    if old_config is None:
+        raise UnsupportedOperationError(
+            f"swap: {method.name} adapter {name!r} was attached before this process could keep its config; "
+            f"delete({name!r}) and load() the new adapter instead"
+        )
+    old_state = {key: value.detach().clone() for key, value in method.adapterkit_extract_state(model, method.name, name).items()}
+    slot = state.slot_of[name]
+
+    def rebuild(new_config: Any, tensors: dict[str, torch.Tensor]) -> None:
+        method.adapterkit_delete(model, method.name, name)
+        state.slot_of[name] = slot  # the adapter keeps its slot (the routing tensors point at it)
+        method.adapterkit_inject(model, method.name, name, new_config, True)
+        method.adapterkit_load_state(model, method.name, name, tensors)
+
+    try:
+        rebuild(config, state_dict)
+    except BaseException:
+        rebuild(old_config, old_state)
+        raise
+    finally:
+        names, weights = model.__dict__[KEY].get(("active", method.name), ([], None))
+        trainable = model.__dict__.get("_adapterkit_peft_layers", {}).get((method.name, "trainable"), set())
+        method.adapterkit_set_active(model, method.name, names, [n for n in names if n in trainable], weights)
+
+
+def _check_swap_fits(state: Prepared, method: str, name: str, state_dict: dict[str, torch.Tensor]) -> None:
+    """The new adapter's tensors must sit on prepared layers, within ``max_rank`` (checked before anything changes)."""
+    outside, ranks = set(), {}
+    for key, value in state_dict.items():
+        path = key.split(".lora_")[0] if state.kind == "lora" else key.rsplit(".ia3_l", 1)[0]
+        if path not in state.layers:
+            outside.add(path)
+        elif state.kind == "lora" and ".lora_A." in key:
+            ranks[path] = value.shape[0]
+    if outside:
+        raise UnsupportedOperationError(
+            f"swap: the new {method} adapter for {name!r} targets {sorted(outside)[:5]}, outside the targets prepared "
+            "for compiled switching; declare them: prepare_compiled(targets=[...]) before compiling"
+        )
+    too_big = {path: rank for path, rank in ranks.items() if rank > state.max_rank}
+    if too_big:
+        path, rank = max(too_big.items(), key=lambda item: item[1])
+        raise UnsupportedOperationError(
+            f"swap: the new {method} adapter for {name!r} has rank {rank} at {path!r}, above the prepared "
+            f"max_rank={state.max_rank}; prepare_compiled(max_rank={rank}) before compiling"
+        )
 
 
 # -- per-sample and the gate ---------------------------------------------------------------------------------
@@ -424,10 +523,17 @@ def per_sample(model: nn.Module, method: str, rows: Sequence[str]) -> Iterator[N
     assert state is not None
     gate = _gate(model)
     slots = torch.tensor([state.slot_of.get(row, state.capacity) for row in rows], dtype=torch.long)
-    slots = slots.to(state.routing.device)
+    # A row computes its adapter at the weight set_active gave it (1 when not active), as in eager mode.
+    names, weights = model.__dict__[KEY].get(("active", method), ([], None))
+    slot_weights = torch.ones(state.capacity + 1)
+    for n, w in zip(names, weights or ()):
+        slot_weights[state.slot_of[n]] = w
+    device = state.routing.device
+    plan = plan_rows(torch.where(slots == state.capacity, NO_SLOT, slots), state.capacity + 1, device)
+    block = _Block(slots.to(device), slot_weights.to(device), plan)
     me = threading.get_ident()
     with gate.lock:  # no gated forward runs while the blocks change
-        state.routing.blocks.setdefault(me, []).append(slots)
+        state.routing.blocks.setdefault(me, []).append(block)
         gate.open += 1
         gate.gated = True
     try:
@@ -486,7 +592,9 @@ def _enter(gate: _Gate) -> None:
     for routing in gate.routings.values():
         mine = routing.blocks.get(me)
         if mine:
-            routing.rows, routing.per_sample, routing.owner = mine[-1], True, me
+            block = mine[-1]
+            routing.rows, routing.slot_weights, routing.plan = block.rows, block.slot_weights, block.plan
+            routing.per_sample, routing.owner = True, me
         else:
             routing.per_sample, routing.owner = False, None
 
@@ -524,23 +632,13 @@ def _lora_forward(self: LoraLinear, x: torch.Tensor, *args: Any, **kwargs: Any) 
         return type(self).forward(self, x, *args, **kwargs)  # peft's own (it reads the banks' views)
     routing: Routing = self.__dict__["_adapterkit_routing"]
     result = self.base_layer(x, *args, **kwargs)
-    bank_a, bank_b = self.adapterkit_A, self.adapterkit_B
-    h = x.to(bank_a.dtype)
+    bank_a, bank_b, scale = self.adapterkit_A, self.adapterkit_B, self.adapterkit_scale
     if _routed_rows(routing, x.shape[0]):
-        rows = routing.rows
-        a, b, scale = bank_a[rows], bank_b[rows], self.adapterkit_scale[rows]  # [n, r, in], [n, out, r], [n]
-        flat = h.reshape(h.shape[0], -1, h.shape[-1])
-        delta = torch.bmm(torch.bmm(flat, a.transpose(1, 2)), b.transpose(1, 2)) * scale[:, None, None]
-        delta = delta.reshape(*result.shape[:-1], delta.shape[-1])
-    else:
-        slots = routing.slots
-        scale = self.adapterkit_scale.index_select(0, slots) * routing.weights
-        a, b = bank_a.index_select(0, slots), bank_b.index_select(0, slots)
-        if slots.shape[0] == 1:  # the usual case: peft's arithmetic, in its order
-            delta = F.linear(F.linear(h, a[0]), b[0]) * scale[0]
-        else:
-            low = F.linear(h, a.flatten(0, 1)) * scale.repeat_interleave(a.shape[1])
-            delta = F.linear(low, b.permute(1, 0, 2).flatten(1))
+        # Compiled: each row's weights gathered (BGMV); eager: one matmul pair per distinct adapter.
+        rows = routing.rows if torch.compiler.is_compiling() else routing.plan
+        delta = kernels.lora_delta_rows(x, bank_a, bank_b, scale * routing.slot_weights, rows)
+        return result + delta.to(result.dtype)
+    delta = kernels.lora_delta_active(x, bank_a, bank_b, scale, routing.slots, routing.weights)
     return (result + delta).to(result.dtype)
 
 
@@ -548,17 +646,19 @@ def _ia3_forward(self: IA3Linear, x: torch.Tensor, *args: Any, **kwargs: Any) ->
     if self.training or self._disable_adapters or self.merged_adapters:
         return type(self).forward(self, x, *args, **kwargs)
     routing: Routing = self.__dict__["_adapterkit_routing"]
-    previous = x.dtype
     bank_in, bank_out = self.adapterkit_in, self.adapterkit_out
     if _routed_rows(routing, x.shape[0]):
         rows = routing.rows
+        weights = routing.slot_weights.index_select(0, rows)[:, None]
         shape = (x.shape[0], *([1] * (x.dim() - 2)), -1)
-        scale_in, scale_out = bank_in[rows].reshape(shape), bank_out[rows].reshape(shape)
+        # v_eff = 1 + w (v - 1), written so that w = 1 gives v and w = 0 gives 1 exactly
+        scale_in = (bank_in.index_select(0, rows) * weights + (1 - weights)).reshape(shape)
+        scale_out = (bank_out.index_select(0, rows) * weights + (1 - weights)).reshape(shape)
     else:
         slots, weights = routing.slots, routing.weights[:, None]
-        # v_eff = 1 + w (v - 1), written so that w = 1 gives v and w = 0 gives 1 exactly
         scale_in = (bank_in.index_select(0, slots) * weights + (1 - weights)).prod(0)
         scale_out = (bank_out.index_select(0, slots) * weights + (1 - weights)).prod(0)
-    interm = (x.to(bank_in.dtype) * scale_in).to(previous)
+    # peft's dtype handling: the input scaled in the adapter's dtype (feedforward), the output by promotion.
+    interm = (x.to(bank_in.dtype) * scale_in).to(x.dtype)
     result = self.base_layer(interm, *args, **kwargs)
     return (result * scale_out).to(result.dtype)

@@ -214,6 +214,7 @@ class PeftMethod:
             warn_untied(model, method, name, config, sites)
         if bias_option(config) != "none":
             new_adapter_biases(model, self.name, name, config, self.sites(model, name))
+        banks.remember_config(model, self.name, name, config)
         if banks.prepared(model, self.name) is not None:
             # Prepared for compiled switching: the adapter must fit the banks (else the core rolls back).
             banks.check_fits(model, self.name, name, self.sites(model, name))
@@ -359,11 +360,6 @@ class PeftMethod:
         weights: Sequence[float] | None,
     ) -> None:
         names, wanted = list(names), set(trainable)
-        if weights is not None and banks.prepared(model, self.name) is None:
-            raise UnsupportedOperationError(
-                f"set_active: weights for {self.name} adapters need prepare_compiled() on this branch"
-            )
-        banks.set_active(model, self.name, names, weights)
         cache = model.__dict__.setdefault(_CACHE, {})
         layers = self.layers(model)
         weighted = {n: float(w) for n, w in zip(names, weights or ()) if w != 1.0}
@@ -373,9 +369,13 @@ class PeftMethod:
         for layer in layers:
             # Straight into __dict__: nn.Module.__setattr__ checks three registries per call.
             layer.__dict__["_active_adapter"] = names
-        if weighted or cache.get((self.name, "weighted"), True):  # unknown (cache cleared): look
+        # Prepared for compiled switching, the active slots and weights are tensors the layers read (banks.py);
+        # peft's scalings and vectors stay each adapter's own.
+        if banks.set_active(model, self.name, names, weights):
+            pass
+        elif weighted or cache.get((self.name, "weighted"), True):  # unknown (cache cleared): look
             apply_weights(layers, weighted)
-        cache[(self.name, "weighted")] = bool(weighted)
+            cache[(self.name, "weighted")] = bool(weighted)
         # Layers a later load wraps for the first time start with these (see creation.keep_activity).
         cache[(self.name, "active")] = names
         # Only adapters whose trainability changes (or whose parameters are new) are touched:
@@ -500,6 +500,9 @@ class PeftMethod:
         """``adapterkit_prepare_compiled`` for the methods with banks (LoRA, IA3: see :mod:`adapterkit_peft.banks`)."""
         sites = self.sites(model)
         names = list(dict.fromkeys(n for site in sites for n in adapters_held(site.layer)))
+        # Eager weights (written into peft's scalings and IA3 vectors) move into the banks' routing.
+        apply_weights(self.layers(model), {})
+        model.__dict__.setdefault(_CACHE, {})[(self.name, "weighted")] = False
         banks.prepare(model, self.name, sites, names, max_rank=max_rank, targets=targets, max_adapters=max_adapters)
         self.forget(model)
         for name in names:
@@ -520,6 +523,10 @@ class PeftMethod:
         self, model: nn.Module, method: str, name: str, config: Any, state_dict: dict[str, torch.Tensor]
     ) -> None:
         # In place (see adapterkit_peft.swap): the adapter's parameters keep their identity.
+        if banks.prepared(model, self.name) is not None:
+            banks.swap(self, model, name, config, state_dict)  # into its slot: other ranks and targets may fit
+            self._renewed(model, name)
+            return
         swap_in_place(self, model, name, config, state_dict)
 
     # -- merging and deleting ---------------------------------------------------------
@@ -586,6 +593,7 @@ class PeftMethod:
     @hookimpl
     def adapterkit_delete(self, model: nn.Module, method: str, name: str) -> None:
         banks.forget_slot(model, self.name, name)
+        banks.remember_config(model, self.name, name, None)
         delete_heads(model, name)
         model.__dict__.get(_CACHE, {}).pop(HEADS_KEY, None)
         forget_adapter_biases(model, name)
