@@ -528,3 +528,83 @@ def test_inductor_compile_switches_without_recompiles():
         assert close(logits(fast, x), expected(reference, x, [n])), n
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == before
     assert breaks_inside_the_model() == []
+
+
+# -- refusals, weights in rows, the other operations on a prepared model --------------------------------------
+def test_swap_refusals_leave_the_adapter_and_the_graph_as_they_were(tmp_path):
+    specs = {"a": lora_spec(1, ["q_proj", "v_proj"]), "big": lora_spec(3, ["q_proj"]), "far": lora_spec(2, ["up_proj"])}
+    specs["same"] = lora_spec(5, ["q_proj", "v_proj"])  # rank 4 as "a", another alpha: swapped in place
+    reference = source(make_llama, specs)
+    model = make_llama()
+    adapters = adapterkit.attach(model)
+    copy_into(reference, adapters, ["a"])
+    adapters.prepare_compiled(max_rank=8, targets=["q_proj", "v_proj"])
+    fast, counter = compiled(model)
+    x = ids()
+    adapters.set_active("a")
+    assert close(logits(fast, x), expected(reference, x, ["a"]))
+    graphs, state = counter.graphs, adapters.state_dict("a")
+    for name, limit in (("big", "max_rank=8"), ("far", "outside the targets prepared")):
+        with pytest.raises(UnsupportedOperationError, match=limit):
+            adapters.swap(reference.state_dict(name), "a", config=reference.config(name))
+        assert all(torch.equal(v, state[k]) for k, v in adapters.state_dict("a").items())
+        assert close(logits(fast, x), expected(reference, x, ["a"]))
+    params = [p for n, p in model.named_parameters() if ".lora_A.a." in n]
+    adapters.swap(reference.state_dict("same"), "a", config=reference.config("same"))
+    assert all(p is q for p, q in zip(params, [p for n, p in model.named_parameters() if ".lora_A.a." in n]))
+    assert close(logits(fast, x), expected(reference, x, ["same"]))
+    assert counter.graphs == graphs
+
+
+@pytest.mark.parametrize("kind", ["lora", "ia3"])
+def test_per_sample_rows_use_their_adapters_weights_under_compile(kind):
+    spec = (lambda i: lora_spec(i, lora_targets(i))) if kind == "lora" else ia3_spec
+    names = ["p0", "p1", "p2"]
+    reference = source(make_llama, {n: spec(i) for i, n in enumerate(names)})
+    model = make_llama()
+    adapters = adapterkit.attach(model)
+    copy_into(reference, adapters, names)
+    adapters.prepare_compiled(max_rank=16, targets=ALL)
+    fast, _ = compiled(model, fullgraph=False)
+    x = ids(batch=3)
+    rows = ["p1", "p0", "__base__"]
+    eager = adapterkit.attach(make_llama())  # unprepared, loaded for inference (IA3 weighs those only)
+    copy_into(reference, eager, names)
+    for each in (adapters, eager):
+        each.set_active(["p0", "p2"], weights=[0.5, 3.0])
+    with adapters.per_sample(rows):
+        ours = logits(fast, x)
+    with eager.per_sample(rows):
+        theirs = logits(eager.model, x)
+    assert not close(ours, logits(fast, x))
+    assert close(ours, theirs)
+
+
+def test_disable_merge_and_unmerge_on_a_prepared_compiled_model():
+    reference = source(make_llama, {"a": lora_spec(1, ["q_proj", "v_proj"]), "b": lora_spec(2, ["o_proj"])})
+    model = make_llama()
+    adapters = adapterkit.attach(model)
+    copy_into(reference, adapters, ["a", "b"])
+    adapters.prepare_compiled(max_rank=8, targets=ALL)
+    fast, _ = compiled(model)
+    x = ids()
+    adapters.set_active("a")
+    with_a = logits(fast, x)
+    assert close(with_a, expected(reference, x, ["a"]))
+    with adapters.disabled():
+        assert close(logits(fast, x), logits(make_llama(), x))
+    adapters.merge()
+    assert close(logits(fast, x), with_a)
+    adapters.unmerge()
+    adapters.set_active("b")
+    assert close(logits(fast, x), expected(reference, x, ["b"]))
+
+
+def test_prepare_refuses_layers_banks_do_not_cover_and_changes_nothing():
+    model = make_llama()
+    adapters = adapterkit.attach(model)
+    adapters.add("lora[r=4, target_modules=['q_proj'], use_dora=True]", "dora")
+    structure, buffers = layer_types(model), dict(model.named_buffers())
+    with pytest.raises(UnsupportedOperationError, match="DoRA"):
+        adapters.prepare_compiled(targets=["q_proj", "v_proj"])
+    assert layer_types(model) == structure and dict(model.named_buffers()).keys() == buffers.keys()

@@ -81,6 +81,10 @@ class Routing:
     def activate(self, slots: Sequence[int], weights: Sequence[float]) -> None:
         if not slots:
             slots, weights = [self.null], [0.0]
+        if len(slots) == 1 == len(self.slots):  # the usual switch: two fills, no new tensors
+            self.slots.fill_(slots[0])
+            self.weights.fill_(weights[0])
+            return
         new_slots = torch.tensor(slots, dtype=torch.long)
         new_weights = torch.tensor(weights, dtype=self.weights.dtype)
         if len(slots) == len(self.slots):
@@ -462,8 +466,12 @@ def swap(method: Any, model: nn.Module, name: str, config: Any, state_dict: dict
     except UnsupportedOperationError:
         plan = None
     if plan is not None:
-        write_swap(model, plan)
-        adopt(model, method.name, name)  # the new scalings into the slot
+        write_swap(model, plan)  # into the parameters, views of the slot
+        if state.kind == "lora":
+            slot = state.slot_of[name]
+            for layer in state.layers.values():
+                if name in layer.lora_A:
+                    layer.adapterkit_scale[slot] = base_scaling(layer, name)  # the new alpha
         return
     _check_swap_fits(state, method.name, name, state_dict)
     old_config = model.__dict__.get(KEY, {}).get(("configs", method.name), {}).get(name)
