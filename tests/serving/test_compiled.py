@@ -608,3 +608,25 @@ def test_prepare_refuses_layers_banks_do_not_cover_and_changes_nothing():
     with pytest.raises(UnsupportedOperationError, match="DoRA"):
         adapters.prepare_compiled(targets=["q_proj", "v_proj"])
     assert layer_types(model) == structure and dict(model.named_buffers()).keys() == buffers.keys()
+
+
+def test_a_copy_of_a_prepared_model_switches_and_routes_on_its_own():
+    import copy
+
+    reference = source(make_llama, {"a": lora_spec(1, ["q_proj", "v_proj"]), "b": lora_spec(2, ["o_proj"])})
+    model = make_llama()
+    adapters = adapterkit.attach(model)
+    copy_into(reference, adapters, ["a", "b"])
+    adapters.prepare_compiled(max_rank=8, targets=ALL)
+    adapters.set_active("a")
+    twin = copy.deepcopy(adapters)
+    twin.set_active("b")
+    x = ids(batch=2)
+    assert close(logits(model, x), expected(reference, x, ["a"]))
+    assert close(logits(twin.model, x), expected(reference, x, ["b"]))
+    with reference.per_sample(["b", "a"]):
+        routed = logits(reference.model, x)
+    fast, _ = compiled(twin.model, fullgraph=False)
+    with twin.per_sample(["b", "a"]):
+        assert close(logits(fast, x), routed)
+        assert close(logits(model, x), expected(reference, x, ["a"]))  # the original is not routed

@@ -30,6 +30,7 @@ break: it compiles to nothing).
 from __future__ import annotations
 
 import contextlib
+import copy
 import math
 import threading
 import types
@@ -570,7 +571,12 @@ class _Gate:
         self.depth: dict[int, int] = {}
 
     def __deepcopy__(self, memo: dict[int, Any]) -> _Gate:
-        return _Gate()
+        # A copy of the model: the copy's routings (shared with its layers through the memo), no open block.
+        new = memo[id(self)] = _Gate()
+        new.routings = copy.deepcopy(self.routings, memo)
+        for routing in new.routings.values():
+            routing.blocks, routing.per_sample, routing.owner = {}, False, None
+        return new
 
 
 def _gate(model: nn.Module) -> _Gate:
@@ -578,18 +584,22 @@ def _gate(model: nn.Module) -> _Gate:
     gate = banks.get(GATE)
     if gate is None:
         gate = banks[GATE] = _Gate()
-
-        def before(module: nn.Module, args: Any) -> None:
-            if gate.gated:
-                _enter(gate)
-
-        def after(module: nn.Module, args: Any, output: Any) -> None:
-            if gate.gated or gate.depth:
-                _leave(gate)
-
-        model.register_forward_pre_hook(before)
-        model.register_forward_hook(after, always_call=True)
+        # Module-level functions that find the gate on the module they run for: copies of the model keep theirs.
+        model.register_forward_pre_hook(_before)
+        model.register_forward_hook(_after, always_call=True)
     return gate
+
+
+def _before(module: nn.Module, args: Any) -> None:
+    gate = module.__dict__.get(KEY, {}).get(GATE)
+    if gate is not None and gate.gated:  # a compiled model guards on the flag: no block open, nothing here
+        _enter(gate)
+
+
+def _after(module: nn.Module, args: Any, output: Any) -> None:
+    gate = module.__dict__.get(KEY, {}).get(GATE)
+    if gate is not None and (gate.gated or gate.depth):
+        _leave(gate)
 
 
 @torch.compiler.disable
