@@ -5,7 +5,13 @@ The thread model (docs/guarantees.md, "Threads"):
 * Every operation of one :class:`~adapterkit.Adapters` runs under that object's re-entrant
   lock (:attr:`Adapters.lock`): operations from several threads on one model run one after
   the other, each seeing the state the previous one left. Different models do not share a lock.
-* A forward never takes the lock. It runs beside operations on the same model.
+* A forward never takes the lock. It runs beside operations on the same model that leave
+  what it computes alone (loading with ``activate=False``, swapping or deleting an inactive
+  adapter, saving). Operations that change what the active adapters compute (``set_active``,
+  ``enable``/``disable``, ``merge``/``unmerge``, activating loads, swaps and deletes of active
+  adapters) pass the model's :class:`ForwardGate`: they wait for the forwards other threads
+  have in flight and hold new ones back while they write, so a forward sees each of them
+  whole or not at all.
 * A ``per_sample`` block holds the lock only while it sets its routing up and while it takes it
   down; its routing acts only in the thread that opened it. While it is open, operations that
   would pull the ground from under its forwards (merging, disabling, deleting an adapter its
@@ -36,10 +42,26 @@ def serialised(function: F) -> F:
 
     @functools.wraps(function)
     def locked(self: Any, *args: Any, **kwargs: Any) -> Any:
-        with self.lock:
+        lock = self.lock
+        if not lock.acquire(blocking=False):
+            _wait_for(lock, self.model, function.__name__)
+        try:
             return function(self, *args, **kwargs)
+        finally:
+            lock.release()
 
     return locked  # type: ignore[return-value]
+
+
+def _wait_for(lock: Any, model: nn.Module, operation: str) -> None:
+    """Acquire ``lock``, or raise if the thread holding it waits for a forward this thread is inside (a deadlock)."""
+    found = model.__dict__.get(_GATE_ATTR)
+    while not lock.acquire(timeout=0.05):
+        if found is not None and found.waits_for(threading.get_ident()):
+            raise AdapterStateError(
+                f"cannot run {operation}() inside a forward of this model while another thread's operation waits "
+                "for that forward to finish (each would wait for the other); call it outside the forward"
+            )
 
 
 class OpenBlocks:
@@ -117,6 +139,11 @@ class ForwardGate:
                 self._condition.notify_all()
             else:
                 self._running[me] = depth - 1
+
+    def waits_for(self, thread: int) -> bool:
+        """Whether another thread holds the gate and waits for forwards ``thread`` is inside."""
+        with self._condition:
+            return self._writer not in (None, thread) and thread in self._running
 
     @contextlib.contextmanager
     def closed(self) -> Iterator[None]:

@@ -183,8 +183,11 @@ class Adapters:
       ``is_trainable=True``), is active, and adapters are enabled.
     * Names are unique across methods; reusing one is an :class:`AdapterExistsError`.
     * A failed ``add`` or ``load`` leaves the model exactly as it was.
-    * Operations from several threads run one after the other (see :attr:`lock`);
-      forwards never wait for them.
+    * Operations from several threads run one after the other (see :attr:`lock`).
+      Forwards never take the lock; an operation that changes what the active
+      adapters compute waits for other threads' forwards in flight and holds new
+      ones back while it writes, so each forward sees it whole or not at all
+      (see :mod:`adapterkit.concurrency`).
     """
 
     def __init__(self, model: nn.Module, registry: MethodRegistry | None = None, *, _record: _Record | None = None) -> None:

@@ -75,10 +75,10 @@ class FaultyPlugin(ScalePlugin):
             raise ValueError("cannot read that")
 
     @hookimpl
-    def adapterkit_set_active(self, model: nn.Module, method: str, names: Any, trainable: Any, weights: Any) -> None:
+    def adapterkit_set_active(self, model: nn.Module, method: str, names: Any, trainable: Any) -> None:
         if self.fault == "set_active":
             raise RuntimeError("set_active broke")
-        super().adapterkit_set_active(model, method, names, trainable, weights)
+        super().adapterkit_set_active(model, method, names, trainable)
 
     @hookimpl
     def adapterkit_extract_state(self, model: nn.Module, method: str, name: str) -> Any:

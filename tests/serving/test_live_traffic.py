@@ -12,7 +12,7 @@
   ``adapterkit.concurrency`` this test fails: forwards see half of each set.)
 * The gate: installed once, copies and pickles get their own, a forward that raises leaves it
   open, an operation run inside a forward (same thread) and re-entrant forwards do not
-  deadlock, and torch.compile runs the model as one graph with the gate's hooks outside it.
+  deadlock, one that another thread's operation waits for raises instead of deadlocking, and torch.compile runs the model as one graph with the gate's hooks outside it.
 """
 
 from __future__ import annotations
@@ -427,6 +427,46 @@ def test_an_operation_inside_a_forward_of_the_same_thread_does_not_deadlock():
     finally:
         handle.remove()
     assert adapters.active == ["b"]
+
+
+def test_an_operation_inside_a_forward_that_another_operation_waits_for_is_refused_not_deadlocked():
+    model, adapters = small_model()
+    x = torch.randn(2, 8)
+    inside, caught = threading.Event(), []
+
+    def call_inside(module: nn.Module, args: object) -> None:
+        if threading.current_thread().name != "forward":
+            return
+        inside.set()
+        for _ in range(TIMEOUT * 100):  # until the other thread's set_active holds the gate
+            if gate(model)._writer is not None:
+                break
+            threading.Event().wait(0.01)
+        try:
+            adapters.state_dict("a")
+        except AdapterStateError as error:
+            caught.append(error)
+            raise
+
+    def forward() -> None:
+        with pytest.raises(AdapterStateError, match="inside a forward"):
+            logits_of(model, x)
+
+    def switch() -> None:
+        assert inside.wait(TIMEOUT)
+        adapters.set_active("b")
+
+    handle = model[1].register_forward_pre_hook(call_inside)
+    try:
+        threads = [threading.Thread(target=forward, name="forward"), threading.Thread(target=switch)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(TIMEOUT)
+            assert not thread.is_alive()
+    finally:
+        handle.remove()
+    assert caught and adapters.active == ["b"]
 
 
 def test_reentrant_forwards_count_once_and_do_not_wait_for_a_waiting_writer():

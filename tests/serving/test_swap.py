@@ -83,6 +83,11 @@ SWAPS = [
         "ia3[target_modules=['0', '2'], feedforward_modules=['2']]",
         id="ia3",
     ),
+    pytest.param(
+        "adalora[target_modules=['0', '2'], init_r=4, lora_alpha=8, total_step=10]",
+        "adalora[target_modules=['0', '2'], init_r=4, lora_alpha=3, total_step=10]",
+        id="adalora",
+    ),
 ]
 
 
@@ -298,3 +303,21 @@ def test_fallback_swap_that_fails_leaves_the_old_adapter():
     assert adapters.names == ["s"] and adapters.active == ["s"]
     assert all(torch.equal(v, old[k]) for k, v in adapters.state_dict("s").items())
     assert torch.equal(run(model, x), out)
+
+
+def test_an_adapter_that_trains_biases_swaps_them_in_place_too(tmp_path):
+    spec = "lora[r=4, bias='lora_only', target_modules=['0', '2'], init_lora_weights=False]"
+    old, new = saved_adapter(tmp_path, spec, "old", seed=1), saved_adapter(tmp_path, spec, "new", seed=2)
+    model, x = make_model(), x_input()
+    adapters = adapterkit.attach(model)
+    adapters.load(old, "x")
+    biases = [model[0].base_layer.bias, model[2].base_layer.bias]
+    adapters.swap(new, "x")
+    fresh = make_model()
+    theirs = adapterkit.attach(fresh)
+    theirs.load(new, "x")
+    assert model[0].base_layer.bias is biases[0] and model[2].base_layer.bias is biases[1]  # the same parameters
+    assert torch.equal(run(model, x), run(fresh, x))
+    adapters.set_active([])
+    theirs.set_active([])
+    assert torch.equal(run(model, x), run(fresh, x))  # the original biases are back when it is inactive

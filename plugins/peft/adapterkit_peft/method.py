@@ -52,8 +52,8 @@ from .heads import (
 from . import banks
 from .quantized import keep_quantized_weights, restore_quantized_weights
 from .stacking import stack_aware
-from .state import check_state_dict
-from .swap import swap_in_place, without_saved_base_weights
+from .state import check_state_dict, without_saved_base_weights
+from .swap import swap_in_place
 from .weighting import apply_weights, check_weights, original
 from .weighting import forget as forget_weight
 from .validation import check_memory, merge_errors, peft_errors, validate_peft_config, warn_unmatched_patterns
@@ -376,7 +376,7 @@ class PeftMethod:
         elif weighted or cache.get((self.name, "weighted"), True):  # unknown (cache cleared): look
             apply_weights(layers, weighted)
             cache[(self.name, "weighted")] = bool(weighted)
-        # Layers a later load wraps for the first time start with these (see creation.keep_activity).
+        # Layers a later load wraps for the first time start with these (see stacking.stack_aware).
         cache[(self.name, "active")] = names
         # Only adapters whose trainability changes (or whose parameters are new) are touched:
         # switching among frozen adapters costs the same with 2 or 100 of them loaded.

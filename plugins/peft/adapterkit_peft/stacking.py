@@ -13,6 +13,11 @@ layer they do not know (a native plugin's wrapper). The tuner subclass built by
   wrapper. The new adapter acts after everything below it, in the order adapters
   were added;
 * modules inside other methods' wrappers (their adapters' own ``nn.Linear``\\ s) are never targets.
+
+It also keeps loads invisible to forwards running in other threads: a new layer starts with
+the method's current active adapters (``adapterkit_active``), not with the adapter being
+added, is placed on a scratch parent and seated with one assignment, and the tuner's final
+switch of every layer to the new adapter is skipped (the core switches, atomically).
 """
 
 from __future__ import annotations
