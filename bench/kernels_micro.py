@@ -6,12 +6,16 @@ model with peft LoRA adapters, then times a whole-model forward of a mixed batch
 
 * ``peft one``: peft's LoRA forward with one adapter active for every row (the anchor);
 * ``peft mixed``: peft's ``adapter_names=`` mixed batch (one adapter per row);
+* ``base model``: every LoRA layer's forward replaced by its base layer: the floor of any LoRA path;
 * ``kernels <algo>``: every peft LoRA layer's forward replaced by ``base(x) +
   lora_delta_rows(...)`` on banks filled from the layer's adapters: ``auto`` (a
   :class:`RowPlan` built once per forward, algorithm by shape), ``tensor`` (the
   compile-safe BGMV gather), and each algorithm forced.
 
-Times are medians of interleaved rounds (bench/timing.py); ratios are medians of
+Cases run interleaved (every case once per round, rotating order); each sample is
+the forward's CPU time (``time.process_time``: the process's threads, all of them),
+so time the process spends descheduled on a shared machine is not counted; wall
+times are printed beside. Times are medians over rounds; ratios are medians of the
 paired ratios within a round. Outputs of the kernels are checked against peft's
 mixed batch. A per-layer table (``--layers``) times one projection's delta alone.
 
@@ -34,7 +38,6 @@ import torch
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from timing import Case, interleaved  # noqa: E402
 from workload import Size, build_base  # noqa: E402
 
 from adapterkit_peft.kernels import lora_delta_rows, plan_rows  # noqa: E402
@@ -93,6 +96,11 @@ class Banked:
         for layer in self.layers:
             layer.__dict__["forward"] = self._forward(layer)
 
+    def install_base(self) -> None:
+        """Every LoRA layer computes its base layer alone (the floor of any LoRA path)."""
+        for layer in self.layers:
+            layer.__dict__["forward"] = layer.base_layer
+
     def remove(self) -> None:
         for layer in self.layers:
             layer.__dict__.pop("forward", None)
@@ -123,6 +131,13 @@ def whole_model(args, threads: int) -> None:
         banked.remove()
         return model(input_ids=ids, use_cache=False).logits
 
+    def base_only():
+        banked.install_base()
+        try:
+            return model(input_ids=ids, use_cache=False).logits
+        finally:
+            banked.remove()
+
     def peft_mixed(rows):
         banked.remove()
         return model(input_ids=ids, adapter_names=rows, use_cache=False).logits
@@ -146,32 +161,55 @@ def whole_model(args, threads: int) -> None:
         for n in args.distinct:
             slot_of_row = [b % n for b in range(args.batch)]
             rows = [names[s] for s in slot_of_row]
-            cases = [Case("peft one", peft_one), Case("peft mixed", lambda rows=rows: peft_mixed(rows))]
-            cases.append(Case("kernels auto", kernels(None, per_forward_plan=slot_of_row)))
-            cases.append(Case("kernels tensor", kernels(torch.tensor(slot_of_row))))
+            cases = {"peft one": peft_one, "peft mixed": lambda rows=rows: peft_mixed(rows), "base model": base_only}
+            cases["kernels auto"] = kernels(None, per_forward_plan=slot_of_row)
+            cases["kernels tensor"] = kernels(torch.tensor(slot_of_row))
             plan = plan_rows(slot_of_row, len(names))
-            cases += [Case(f"kernels {a}", kernels(plan, a)) for a in algorithms]
+            cases.update({f"kernels {a}": kernels(plan, a) for a in algorithms})
             if args.check:
                 ref = peft_mixed(rows)
-                for case in cases[2:]:
-                    diff = (case.op() - ref).abs().max().item()
-                    assert diff < 1e-3, (case.name, diff)
-            timings = interleaved(cases, rounds=args.rounds, warmup=1)
-            for case in cases:
-                if case.name in timings.errors:
-                    print(case.name, "failed:", timings.errors[case.name])
-                    continue
-                rows_table.append((n, case.name, timings.median(case.name) * 1e3,
-                                   timings.ratio(case.name, "peft one"), timings.ratio(case.name, "peft mixed")))
+                for name, op in list(cases.items())[3:]:
+                    diff = (op() - ref).abs().max().item()
+                    assert diff < 1e-3, (name, diff)
+            cpu, wall = rounds(cases, args.rounds)
+            for name in cases:
+                rows_table.append((n, name, statistics.median(cpu[name]) * 1e3, statistics.median(wall[name]) * 1e3,
+                                   paired(cpu, name, "peft one"), paired(cpu, name, "peft mixed"),
+                                   paired(wall, name, "peft one")))
             gc.collect()
-    print("| distinct | system | ms | vs peft one | vs peft mixed |")
-    print("|---|---|---|---|---|")
-    for n, name, ms, one, mixed in rows_table:
-        print(f"| {n} | {name} | {ms:.1f} | {one:.2f}x | {mixed:.2f}x |")
+    print("| distinct | system | CPU ms | wall ms | vs peft one | vs peft mixed | vs peft one (wall) |")
+    print("|---|---|---|---|---|---|---|")
+    for n, name, ms, wall_ms, one, mixed, one_wall in rows_table:
+        print(f"| {n} | {name} | {ms:.1f} | {wall_ms:.1f} | {one:.2f}x | {mixed:.2f}x | {one_wall:.2f}x |")
+
+
+def rounds(cases: dict, count: int) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
+    """Every case once per round, rotating order, after one warm-up round: CPU and wall seconds per sample."""
+    cpu: dict[str, list[float]] = {name: [] for name in cases}
+    wall: dict[str, list[float]] = {name: [] for name in cases}
+    names = list(cases)
+    for index in range(count + 1):
+        shift = index % len(names)
+        for name in names[shift:] + names[:shift]:
+            gc.collect()
+            c0, w0 = time.process_time(), time.perf_counter()
+            cases[name]()
+            c1, w1 = time.process_time(), time.perf_counter()
+            if index:
+                cpu[name].append(c1 - c0)
+                wall[name].append(w1 - w0)
+    return cpu, wall
+
+
+def paired(samples: dict[str, list[float]], name: str, anchor: str) -> float:
+    return statistics.median(a / b for a, b in zip(samples[name], samples[anchor]))
 
 
 def layer_table(args, threads: int) -> None:
-    """One projection's delta alone (no base matmul), per algorithm, next to the base matmul and one adapter."""
+    """One projection's delta alone (no base matmul), per algorithm, next to the base matmul and one adapter.
+
+    CPU microseconds per call, the minimum over 7 samples (the least disturbed by other processes).
+    """
     torch.set_num_threads(threads) if threads else None
     size, rank, _ = WORKLOADS[args.workload]
     shapes = {"q (h->h)": (size.hidden, size.hidden), "up (h->i)": (size.hidden, size.intermediate),
@@ -204,17 +242,17 @@ def layer_table(args, threads: int) -> None:
 def _micro(op, seconds: float = 0.3) -> float:
     with torch.inference_mode():
         op()
-        start, calls = time.perf_counter(), 0
-        while time.perf_counter() - start < seconds / 3:
+        start, calls = time.process_time(), 0
+        while time.process_time() - start < seconds / 3:
             op()
             calls += 1
         samples = []
-        for _ in range(5):
-            t0 = time.perf_counter()
+        for _ in range(7):
+            t0 = time.process_time()
             for _ in range(max(1, calls // 3)):
                 op()
-            samples.append((time.perf_counter() - t0) / max(1, calls // 3))
-    return statistics.median(samples) * 1e6
+            samples.append((time.process_time() - t0) / max(1, calls // 3))
+    return min(samples) * 1e6
 
 
 def main() -> None:

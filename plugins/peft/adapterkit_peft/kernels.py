@@ -20,12 +20,17 @@ Bank layout (one bank per adapted layer, ``S`` slots, maximum rank ``R``)
   empty slot holds ones.
 
 Every slot of a bank must hold finite numbers (empty slots: zeros / ones as above).
+A slot numbers the same adapter in every layer's bank; where that adapter does not
+target a layer, the slot stays empty in that layer's bank, and its rows compute the
+base layer there (as peft's mixed batch skips an adapter a layer does not hold).
 
 Choosing each row's adapter
 ---------------------------
 ``slots`` is a ``LongTensor [B]`` on the banks' device: batch row ``b`` uses slot
 ``slots[b]``; :data:`BASE` (``-1``) means "no adapter" (peft's ``"__base__"``). An
-empty slot (scale 0 / ones) computes the base result too.
+empty slot (scale 0 / ones) computes the base result too. Under torch.compile, pass
+new slot tensors or write a persistent one in place (``copy_``): values never
+recompile, only a new batch size does (as for any input shape).
 
 Functions and which are compile-safe
 ------------------------------------
@@ -37,7 +42,7 @@ Functions and which are compile-safe
   once per ``per_sample`` block, not per layer call): **eager only** (the grouping is
   data-dependent: a Python loop over the distinct adapters). :func:`choose` picks
   SGMV-style grouping (one matmul pair per distinct adapter on its rows, rows sorted
-  by adapter) for up to 8 distinct adapters, the BGMV gather above that.
+  by adapter) for up to 8 distinct adapters in decode, the BGMV gather otherwise.
 * :func:`lora_delta_active`, :func:`ia3_active`, :func:`ia3_active_vector`: the
   active set (``K`` adapters applied to every row), **compile-safe**; ``K`` is a shape,
   so pad the active set to a fixed ``K`` with weight-0 entries to switch among sets
@@ -60,6 +65,7 @@ peft's own forward while a dropout is active in training mode):
 from __future__ import annotations
 
 import dataclasses
+import operator
 from collections.abc import Sequence
 from typing import Literal
 
@@ -138,10 +144,12 @@ def plan_rows(
         ArgumentValueError: a slot that is not an integer in ``[-1, capacity)``.
     """
     values = slots.tolist() if isinstance(slots, torch.Tensor) else list(slots)
-    for value in values:
-        if isinstance(value, bool) or not isinstance(value, int) or value < BASE or (
-            capacity is not None and value >= capacity
-        ):
+    for index, value in enumerate(values):
+        try:
+            values[index] = number = operator.index(value)  # ints, numpy integers; not floats
+        except TypeError:
+            number = None
+        if isinstance(value, bool) or number is None or number < BASE or (capacity is not None and number >= capacity):
             last = capacity - 1 if capacity is not None else "the bank's last slot"
             raise ArgumentValueError(
                 f"row slot {value!r} is not a slot number; pass integers from 0 to {last}, "
@@ -174,25 +182,30 @@ def plan_rows(
     )
 
 
-def choose(plan: RowPlan, tokens_per_row: int = 1) -> Algorithm:
-    """The algorithm :func:`lora_delta_rows` uses for ``plan`` (eager).
+def choose(plan: RowPlan, tokens_per_row: int = 1, rank: int = 16) -> Algorithm:
+    """The algorithm :func:`lora_delta_rows` uses for ``plan`` and its input's shape (eager).
 
     * ``"none"``: every row is a base row (the delta is zero).
     * ``"grouped"`` (SGMV): one matmul pair per distinct adapter on its rows, taken as
-      one slice each of the rows sorted by adapter (no copies when they already are).
-      Its cost grows with the number of distinct adapters (a few small ops each).
+      one slice each of the rows sorted by adapter. Costs a few small ops per distinct
+      adapter, plus (unless the rows already sit in adapter order) copies of the input
+      rows and of the delta: ``B * tokens * (in + out)`` numbers.
     * ``"gather"`` (BGMV): each row's weights gathered from the banks, batched matmuls.
-      Its cost grows with the number of rows (a copy of one adapter per row).
+      Costs a copy of one adapter per row: ``B * rank * (in + out)`` numbers.
     * ``"dense"`` (never chosen; measured slower, kept for benchmarks): every row through
-      all distinct adapters' stacked ranks, the others masked out.
+      all distinct adapters' stacked ranks, the others masked out (FLOPs x K).
 
-    ``tokens_per_row`` is accepted for future shape rules; the measured crossover
-    depends on the number of distinct adapters only (decode and prefill alike).
+    Grouping wins for up to 8 distinct adapters when its copies are smaller than the
+    gather's (rows already in adapter order, or fewer tokens per row than the rank:
+    decode); the gather otherwise (many distinct adapters, prefill). Measured on CPU
+    with bench/kernels_micro.py.
     """
     k = len(plan.distinct)
     if k == 0:
         return "none"
-    return "grouped" if k <= _GROUPED_MAX_DISTINCT else "gather"
+    if k <= _GROUPED_MAX_DISTINCT and (plan.identity or tokens_per_row < rank):
+        return "grouped"
+    return "gather"
 
 
 def _check_plan(plan: RowPlan, batch: int) -> None:
@@ -236,7 +249,7 @@ def lora_delta_rows(
         delta = _gather(x3, A_bank, B_bank, slots.clamp(min=0), row_scale)
     else:
         _check_plan(slots, batch)
-        chosen = (algorithm or choose(slots, x3.shape[1])) if slots.distinct else "none"
+        chosen = (algorithm or choose(slots, x3.shape[1], A_bank.shape[1])) if slots.distinct else "none"
         if chosen == "none":
             delta = x3.new_zeros(*x3.shape[:2], B_bank.shape[1])
         elif chosen == "grouped":
