@@ -16,6 +16,7 @@ from __future__ import annotations
 import ast
 import copy
 import dataclasses
+import functools
 import difflib
 import enum
 import math
@@ -108,7 +109,9 @@ def _fields(config_type: type) -> dict[str, dataclasses.Field[Any] | attrs.Attri
     return {p.name: None for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
 
 
+@functools.lru_cache(maxsize=128)  # resolving the annotations costs ~20 ms a call: every load and swap asks
 def _type_hints(config_type: type) -> dict[str, Any]:
+    """The config type's resolved annotations (shared: read only)."""
     try:
         return typing.get_type_hints(config_type)
     except Exception:  # unresolvable forward references: skip type checks
