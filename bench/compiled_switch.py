@@ -45,8 +45,12 @@ class Counter:
 def build(args: argparse.Namespace) -> torch.nn.Module:
     torch.manual_seed(0)
     config = LlamaConfig(
-        hidden_size=args.hidden, intermediate_size=args.hidden * 11 // 4, num_hidden_layers=args.layers,
-        num_attention_heads=8, num_key_value_heads=8, vocab_size=1024,
+        hidden_size=args.hidden,
+        intermediate_size=args.hidden * 11 // 4,
+        num_hidden_layers=args.layers,
+        num_attention_heads=8,
+        num_key_value_heads=8,
+        vocab_size=1024,
     )
     return LlamaForCausalLM(config).eval()
 
@@ -78,7 +82,9 @@ def main() -> None:
     source = adapterkit.attach(build(args))
     for i, name in enumerate(names):
         r = (4, 8, 16)[i % 3]
-        source.add(f"lora[r={r}, lora_alpha={2 * r + i % 5}, target_modules={TARGETS!r}, init_lora_weights=False]", name)
+        source.add(
+            f"lora[r={r}, lora_alpha={2 * r + i % 5}, target_modules={TARGETS!r}, init_lora_weights=False]", name
+        )
     source.save(folder, names)
     results: dict[str, object] = {"workload": vars(args)}
 
@@ -112,7 +118,9 @@ def main() -> None:
             elapsed = time.perf_counter() - start
             after = counter.graphs, torch._dynamo.utils.counters["stats"]["unique_graphs"]
             key = "prepared" if prepare else "unprepared"
-            results[f"{key}_compiles_after_first"] = (after[1] - before[1]) if args.backend != "eager" else after[0] - before[0]
+            results[f"{key}_compiles_after_first"] = (
+                (after[1] - before[1]) if args.backend != "eager" else after[0] - before[0]
+            )
             results[f"{key}_cycles"] = cycles
             results[f"{key}_ms_per_switch_and_forward"] = elapsed / (cycles * len(names)) * 1e3
 
@@ -127,7 +135,11 @@ def main() -> None:
         # Swap from a folder vs reading the file and copying the tensors.
         target = prepared.state_dict(names[0])
         files = [folder / names[(i % (len(names) - 1)) + 1] for i in range(len(names))]
-        same_rank = [f for f in files if load_file(f / "adapter_model.safetensors")[next(iter(target))].shape == target[next(iter(target))].shape]
+        same_rank = [
+            f
+            for f in files
+            if load_file(f / "adapter_model.safetensors")[next(iter(target))].shape == target[next(iter(target))].shape
+        ]
         picks = iter(same_rank * (args.repeats + 2))
 
         def read_and_copy() -> None:

@@ -36,7 +36,11 @@ def fresh_dynamo():
 def make_llama() -> nn.Module:
     torch.manual_seed(0)
     config = LlamaConfig(
-        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
         vocab_size=64,
     )
     return LlamaForCausalLM(config).eval()
@@ -244,7 +248,12 @@ def test_weights_switch_without_recompiles_and_match_scaled_adapters(kind):
     adapters.prepare_compiled(max_rank=16, targets=ALL)
     x = ids()
     fast, counter = compiled(model)
-    cases = [(["w0", "w1"], [0.5, 2.0]), (["w2", "w3"], [-1.0, 0.25]), (["w1", "w2"], [1.0, 0.0]), (["w3", "w0"], [3.0, 1.5])]
+    cases = [
+        (["w0", "w1"], [0.5, 2.0]),
+        (["w2", "w3"], [-1.0, 0.25]),
+        (["w1", "w2"], [1.0, 0.0]),
+        (["w3", "w0"], [3.0, 1.5]),
+    ]
     for round_ in range(2):
         for active, weights in cases:
             adapters.set_active(active, weights=weights)
@@ -265,7 +274,6 @@ def test_weights_switch_without_recompiles_and_match_scaled_adapters(kind):
 
 # -- swap, declared targets, loads and deletes ---------------------------------------------------------------
 def test_swap_from_folder_and_state_dict_other_rank_alpha_and_targets(tmp_path):
-    names = ["a", "b", "new1", "new2"]
     specs = {
         "a": lora_spec(0, ["q_proj", "v_proj"]),
         "b": lora_spec(1, ["q_proj"]),
@@ -386,7 +394,9 @@ def test_delete_and_load_after_prepare_reuse_slots_without_recompiles():
 
 
 def test_save_after_prepare_equals_peft_files(tmp_path):
-    reference = source(make_llama, {"one": lora_spec(1, ["q_proj", "k_proj", "o_proj"]), "two": lora_spec(2, ["v_proj"])})
+    reference = source(
+        make_llama, {"one": lora_spec(1, ["q_proj", "k_proj", "o_proj"]), "two": lora_spec(2, ["v_proj"])}
+    )
     reference.save(tmp_path / "src")
     model = make_llama()
     adapters = adapterkit.attach(model)
@@ -398,8 +408,9 @@ def test_save_after_prepare_equals_peft_files(tmp_path):
     theirs.load_adapter(tmp_path / "src" / "two", "two")
     theirs.save_pretrained(tmp_path / "peft")
     for sub in ("one", "two"):
-        ours, peft_files = load_file(tmp_path / "ours" / sub / "adapter_model.safetensors"), load_file(
-            tmp_path / "peft" / sub / "adapter_model.safetensors"
+        ours, peft_files = (
+            load_file(tmp_path / "ours" / sub / "adapter_model.safetensors"),
+            load_file(tmp_path / "peft" / sub / "adapter_model.safetensors"),
         )
         assert ours.keys() == peft_files.keys()
         assert all(torch.equal(ours[k], peft_files[k]) for k in ours)

@@ -50,7 +50,21 @@ from .creation import empty_weights
 from .kernels import BASE as NO_SLOT
 from .kernels import plan_rows
 
-__all__ = ["Prepared", "Routing", "adopt", "forget_slot", "keeps", "per_sample", "prepare", "prepared", "set_active"]
+__all__ = [
+    "Prepared",
+    "Routing",
+    "adopt",
+    "base_scaling",
+    "check_fits",
+    "forget_slot",
+    "keeps",
+    "per_sample",
+    "prepare",
+    "prepared",
+    "remember_config",
+    "set_active",
+    "swap",
+]
 
 KEY = "_adapterkit_banks"  # model attribute: {method name: Prepared, GATE: _Gate}
 GATE = "gate"
@@ -106,7 +120,9 @@ class _Block:
 class Prepared:
     """One method's banks: limits, slots, and its layers by logical path."""
 
-    def __init__(self, kind: str, max_rank: int, capacity: int, device: torch.device | None, dtype: torch.dtype) -> None:
+    def __init__(
+        self, kind: str, max_rank: int, capacity: int, device: torch.device | None, dtype: torch.dtype
+    ) -> None:
         self.kind = kind  # "lora" or "ia3"
         self.max_rank = max_rank
         self.capacity = capacity
@@ -187,9 +203,12 @@ def prepare(
     for name in loaded:
         adopt(model, method, name)
     names, weights = model.__dict__[KEY].get(("active", method), ([], None))
-    set_active(model, method, [n for n in names if n in state.slot_of], None if weights is None else [
-        w for n, w in zip(names, weights) if n in state.slot_of
-    ])
+    set_active(
+        model,
+        method,
+        [n for n in names if n in state.slot_of],
+        None if weights is None else [w for n, w in zip(names, weights) if n in state.slot_of],
+    )
     _gate(model).routings[method] = state.routing
     return state
 
@@ -481,7 +500,9 @@ def swap(method: Any, model: nn.Module, name: str, config: Any, state_dict: dict
             f"swap: {method.name} adapter {name!r} was attached before this process could keep its config; "
             f"delete({name!r}) and load() the new adapter instead"
         )
-    old_state = {key: value.detach().clone() for key, value in method.adapterkit_extract_state(model, method.name, name).items()}
+    old_state = {
+        key: value.detach().clone() for key, value in method.adapterkit_extract_state(model, method.name, name).items()
+    }
     slot = state.slot_of[name]
 
     def rebuild(new_config: Any, tensors: dict[str, torch.Tensor]) -> None:

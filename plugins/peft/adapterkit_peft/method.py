@@ -16,6 +16,7 @@ from adapterkit.layers import claim, owner, positions, walk
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
+from . import banks
 from ._peft import ExcludedModule, bare_tuner, convert_config_for_transformers
 from .bias import (
     bias_option,
@@ -49,7 +50,6 @@ from .heads import (
     set_active_heads,
     warn_untied,
 )
-from . import banks
 from .quantized import keep_quantized_weights, restore_quantized_weights
 from .stacking import stack_aware
 from .state import check_state_dict, without_saved_base_weights
