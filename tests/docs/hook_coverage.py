@@ -112,6 +112,9 @@ HOOK_TESTS: dict[str, list[str]] = {
     ],
     "adapterkit_prepare_compiled": [
         "tests/serving/test_core_serving.py::test_prepare_compiled_checks_its_arguments",
+        "tests/serving/test_compiled.py::test_lora_32_adapters_mixed_ranks_cycle_without_recompiles",
+        "tests/serving/test_compiled.py::test_ia3_32_adapters_cycle_without_recompiles",
+        "tests/serving/test_compiled.py::test_limits_raise_typed_errors_and_leave_the_model_unchanged",
     ],
     "adapterkit_combine": [
         "tests/serving/test_core_serving.py::test_combine_and_prepare_compiled_refuse_methods_without_them",

@@ -40,7 +40,7 @@ from typing import Any
 import torch
 from adapterkit import ConfigValueError, UnsupportedOperationError, hookimpl
 from adapterkit.routing import check_rows, replaced_forwards
-from adapterkit_peft import PeftMethod, routed_heads
+from adapterkit_peft import PeftMethod, banks, routed_heads
 from peft import IA3Config
 from peft.tuners.ia3 import IA3Model
 from peft.tuners.ia3.layer import Linear as IA3Linear
@@ -86,8 +86,22 @@ class IA3Method(PeftMethod):
 
     # -- per-sample routing ------------------------------------------------------
     @hookimpl
+    def adapterkit_prepare_compiled(
+        self, model: nn.Module, method: str, max_rank: int | None, targets: Sequence[str] | None, max_adapters: int | None
+    ) -> None:
+        self._prepare_compiled(model, max_rank, targets, max_adapters)
+
+    @hookimpl
     def adapterkit_per_sample(self, model: nn.Module, method: str, rows: Sequence[str]) -> Any:
+        if banks.prepared(model, self.name) is not None:
+            return self._per_sample_banked(model, list(rows))
         return self._per_sample(model, list(rows))
+
+    @contextlib.contextmanager
+    def _per_sample_banked(self, model: nn.Module, rows: list[str]) -> Iterator[None]:
+        # Prepared for compiled switching: every layer reads each row's vector from the banks (see banks.py).
+        with banks.per_sample(model, self.name, rows), routed_heads(model, rows):
+            yield
 
     @contextlib.contextmanager
     def _per_sample(self, model: nn.Module, rows: list[str]) -> Iterator[None]:

@@ -16,6 +16,7 @@ from adapterkit.layers import claim, owner, positions, walk
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
+from . import banks
 from ._peft import ExcludedModule, bare_tuner, convert_config_for_transformers
 from .bias import (
     bias_option,
@@ -213,6 +214,12 @@ class PeftMethod:
             warn_untied(model, method, name, config, sites)
         if bias_option(config) != "none":
             new_adapter_biases(model, self.name, name, config, self.sites(model, name))
+        banks.remember_config(model, self.name, name, config)
+        if banks.prepared(model, self.name) is not None:
+            # Prepared for compiled switching: the adapter must fit the banks (else the core rolls back).
+            banks.check_fits(model, self.name, name, self.sites(model, name))
+            if not empty:
+                self._adopt(model, name)
 
     def _inject(
         self, model: nn.Module, method: str, name: str, config: Any, empty: bool, autocast_adapter_dtype: bool
@@ -362,9 +369,13 @@ class PeftMethod:
         for layer in layers:
             # Straight into __dict__: nn.Module.__setattr__ checks three registries per call.
             layer.__dict__["_active_adapter"] = names
-        if weighted or cache.get((self.name, "weighted"), True):  # unknown (cache cleared): look
+        # Prepared for compiled switching, the active slots and weights are tensors the layers read (banks.py);
+        # peft's scalings and vectors stay each adapter's own.
+        if banks.set_active(model, self.name, names, weights):
+            pass
+        elif weighted or cache.get((self.name, "weighted"), True):  # unknown (cache cleared): look
             apply_weights(layers, weighted)
-        cache[(self.name, "weighted")] = bool(weighted)
+            cache[(self.name, "weighted")] = bool(weighted)
         # Layers a later load wraps for the first time start with these (see stacking.stack_aware).
         cache[(self.name, "active")] = names
         # Only adapters whose trainability changes (or whose parameters are new) are touched:
@@ -474,6 +485,28 @@ class PeftMethod:
                 moved |= upcast(layer, name)  # what the file held in half precision, as peft casts it
             freeze_bookkeeping(layer, name)
         self._renewed(model, name, None if moved else params)
+        if banks.prepared(model, self.name) is not None:
+            banks.check_fits(model, self.name, name, [s for s in self.sites(model, name)])
+            self._adopt(model, name)
+
+    def _adopt(self, model: nn.Module, name: str) -> None:
+        """Put adapter ``name`` into its slot of the banks; its parameters become views of it."""
+        banks.adopt(model, self.name, name)
+        self._renewed(model, name)
+
+    def _prepare_compiled(
+        self, model: nn.Module, max_rank: int | None, targets: Sequence[str] | None, max_adapters: int | None
+    ) -> None:
+        """``adapterkit_prepare_compiled`` for the methods with banks (LoRA, IA3: see :mod:`adapterkit_peft.banks`)."""
+        sites = self.sites(model)
+        names = list(dict.fromkeys(n for site in sites for n in adapters_held(site.layer)))
+        # Eager weights (written into peft's scalings and IA3 vectors) move into the banks' routing.
+        apply_weights(self.layers(model), {})
+        model.__dict__.setdefault(_CACHE, {})[(self.name, "weighted")] = False
+        banks.prepare(model, self.name, sites, names, max_rank=max_rank, targets=targets, max_adapters=max_adapters)
+        self.forget(model)
+        for name in names:
+            self._renewed(model, name)
 
     def _renewed(self, model: nn.Module, name: str, params: list[nn.Parameter] | None = None) -> None:
         """Adapter ``name`` has new parameter objects (``params``, when known): set_active must set their requires_grad."""
@@ -490,6 +523,10 @@ class PeftMethod:
         self, model: nn.Module, method: str, name: str, config: Any, state_dict: dict[str, torch.Tensor]
     ) -> None:
         # In place (see adapterkit_peft.swap): the adapter's parameters keep their identity.
+        if banks.prepared(model, self.name) is not None:
+            banks.swap(self, model, name, config, state_dict)  # into its slot: other ranks and targets may fit
+            self._renewed(model, name)
+            return
         swap_in_place(self, model, name, config, state_dict)
 
     # -- merging and deleting ---------------------------------------------------------
@@ -555,6 +592,8 @@ class PeftMethod:
 
     @hookimpl
     def adapterkit_delete(self, model: nn.Module, method: str, name: str) -> None:
+        banks.forget_slot(model, self.name, name)
+        banks.remember_config(model, self.name, name, None)
         delete_heads(model, name)
         model.__dict__.get(_CACHE, {}).pop(HEADS_KEY, None)
         forget_adapter_biases(model, name)
@@ -565,7 +604,7 @@ class PeftMethod:
                 # peft picks a new active adapter and says so; the core re-applies its own active set.
                 warnings.filterwarnings("ignore", message="Adapter .* was active which is now deleted")
                 site.layer.delete_adapter(name)
-            if is_empty(site.layer):
-                # Unwrap: put back the module this layer replaced.
+            if is_empty(site.layer) and not banks.keeps(model, site.layer):
+                # Unwrap: put back the module this layer replaced (a prepared layer stays, with its banks).
                 setattr(site.parent, site.attr, site.layer.base_layer)
         self.forget(model)
