@@ -155,7 +155,7 @@ def whole_model(args, threads: int) -> None:
 
         return op
 
-    algorithms = ["dense", "gather", "grouped"] if args.all_algorithms else []
+    algorithms = ["dense", "gather", "grouped", "window"] if args.all_algorithms else []
     rows_table = []
     with torch.inference_mode():
         for n in args.distinct:
@@ -218,8 +218,8 @@ def layer_table(args, threads: int) -> None:
     print(f"\n## per layer, {args.workload}, batch {args.batch} x seq {args.seq}, r={rank}, "
           f"{slots_n} slots, threads {torch.get_num_threads()} (microseconds per call)")
     print("| shape | distinct | base linear | one adapter | " + " | ".join(
-        ["tensor", "dense", "gather", "grouped", "auto"]) + " |")
-    print("|---|---|---|---|" + "---|" * 5)
+        ["tensor", "dense", "gather", "grouped", "window", "auto"]) + " |")
+    print("|---|---|---|---|" + "---|" * 6)
     for label, (fan_in, fan_out) in shapes.items():
         A = torch.randn(slots_n, rank, fan_in) * 0.02
         B = torch.randn(slots_n, fan_out, rank) * 0.02
@@ -233,7 +233,7 @@ def layer_table(args, threads: int) -> None:
             slot_of_row = [b % n for b in range(args.batch)]
             plan, tensor = plan_rows(slot_of_row, slots_n), torch.tensor(slot_of_row)
             cells = [_micro(lambda: lora_delta_rows(x, A, B, scale, tensor))]
-            for algorithm in ("dense", "gather", "grouped"):
+            for algorithm in ("dense", "gather", "grouped", "window"):
                 cells.append(_micro(lambda a=algorithm: lora_delta_rows(x, A, B, scale, plan, a)))
             cells.append(_micro(lambda: lora_delta_rows(x, A, B, scale, plan)))
             print(f"| {label} | {n} | {base:.0f} | {one:.0f} | " + " | ".join(f"{c:.0f}" for c in cells) + " |")

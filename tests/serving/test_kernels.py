@@ -44,7 +44,7 @@ RANK = 5
 SLOT = {"a": 1, "b": 2, "c": 3, "d": 6}
 CAPACITY = 7
 # "tensor": a plain slot tensor (the compile-safe gather); "auto": a RowPlan, algorithm chosen by shape; others forced.
-ALGORITHMS = ["tensor", "auto", "grouped", "gather", "dense"]
+ALGORITHMS = ["tensor", "auto", "grouped", "window", "gather", "dense"]
 
 
 class Tiny(nn.Module):
@@ -178,12 +178,13 @@ def test_base_rows_and_empty_slots_compute_the_base_layer_exactly():
     assert choose(plan_rows([BASE, BASE])) == "none"
 
 
-def test_choice_groups_few_adapters_in_decode_and_gathers_otherwise():
+def test_choice_follows_rows_and_shape():
     interleaved = plan_rows([b % 4 for b in range(16)])
-    assert choose(interleaved, tokens_per_row=1, rank=16) == "grouped"
-    assert choose(interleaved, tokens_per_row=128, rank=16) == "gather"  # copying rows would cost more
+    assert choose(interleaved, tokens_per_row=1, rank=16) == "window"  # slots 0..3, 4 rows each: no padding
+    assert choose(interleaved, tokens_per_row=128, rank=16) == "gather"  # prefill: copying rows would cost more
     assert choose(plan_rows([0] * 8 + [1] * 8), tokens_per_row=128, rank=16) == "grouped"  # rows already in order
-    assert choose(plan_rows(list(range(16))), tokens_per_row=1, rank=16) == "gather"
+    assert choose(plan_rows([0, 30, 0, 30, 15, 15]), tokens_per_row=1, rank=16) == "grouped"  # a sparse window
+    assert choose(plan_rows([b * 10 for b in range(12)]), tokens_per_row=1, rank=16) == "gather"
 
 
 @pytest.mark.parametrize("adapter_dtype, base_dtype", DTYPES)
@@ -332,6 +333,9 @@ def test_plan_groups_rows_by_slot_once():
     assert plan.distinct == (3, 1) and plan.has_base and not plan.identity
     assert [plan.order[g].tolist() for _, g in plan.groups] == [[0, 3], [2, 4]]
     assert plan.onehot.tolist() == [[1, 0], [0, 0], [0, 1], [1, 0], [0, 1]]
+    assert plan.window == (1, 4) and plan.depth == 2
+    # Cells (slot - 1) * 2 + i of the rows 0, 2, 3, 4 that have an adapter.
+    assert plan.adapted.tolist() == [0, 2, 3, 4] and plan.cell.tolist() == [4, 0, 5, 1]
     assert plan_rows([2, 2, 0]).identity
 
 

@@ -87,12 +87,11 @@ __all__ = [
 BASE = -1
 """The slot of a row that uses no adapter (peft's ``"__base__"``)."""
 
-Algorithm = Literal["none", "grouped", "gather", "dense"]
+Algorithm = Literal["none", "grouped", "window", "gather", "dense"]
 
-# Eager algorithm choice, measured on CPU (bench/kernels_micro.py --layers): one matmul pair per
-# distinct adapter ("grouped") costs a few small ops per adapter; gathering each row's weights
-# ("gather") costs a copy of one adapter per row. Up to this many distinct adapters grouping wins.
+# Eager algorithm choice, measured on CPU (bench/kernels_micro.py --layers; see choose()).
 _GROUPED_MAX_DISTINCT = 8
+_WINDOW_MAX_WASTE = 2  # padded rows per real row the "window" algorithm may compute
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -103,11 +102,16 @@ class RowPlan:
         slots: ``LongTensor [B]``, each row's slot (:data:`BASE` for none).
         distinct: the distinct non-base slots, in order of first appearance (``K`` of them).
         distinct_t: ``distinct`` as a ``LongTensor [K]``.
-        order: ``LongTensor [M]``, the non-base rows grouped by slot (stable): group ``k`` is
-            ``order[groups[k][1]]``.
+        order: ``LongTensor [M]``, the ``M`` non-base rows grouped by slot (stable): group ``k``
+            is ``order[groups[k][1]]``.
         groups: ``(slot, positions)`` per distinct slot, ``positions`` a slice of ``order``.
         identity: ``order`` is ``arange(B)`` (no base row, each adapter's rows contiguous and in
             first-appearance order): the grouped path then needs no copies of rows.
+        window: ``(lo, hi)``, the smallest slot range holding every distinct slot.
+        depth: the most rows any one slot has.
+        adapted: ``LongTensor [M]``, the non-base rows in row order.
+        cell: ``LongTensor [M]``, for each of ``adapted``, its cell ``(slot - lo) * depth + i``
+            (``i``: its rank among its slot's rows) in the window's padded rows.
         onehot: ``float32 [B, K]``: row ``b`` has a 1 at its slot's position in ``distinct``
             (all zeros for a base row).
         gather_index: ``slots`` with base rows pointed at slot 0 (masked by ``row_mask``).
@@ -121,6 +125,10 @@ class RowPlan:
     order: torch.Tensor
     groups: tuple[tuple[int, slice], ...]
     identity: bool
+    window: tuple[int, int]
+    depth: int
+    adapted: torch.Tensor
+    cell: torch.Tensor
     onehot: torch.Tensor
     gather_index: torch.Tensor
     row_mask: torch.Tensor
@@ -167,14 +175,31 @@ def plan_rows(
     onehot = torch.zeros(len(values), len(distinct))
     for k, rows in enumerate(members.values()):
         onehot[rows, k] = 1.0
-    slots_t = torch.tensor(values, dtype=torch.long, device=device)
+    lo, hi = (min(distinct), max(distinct) + 1) if distinct else (0, 0)
+    depth = max(map(len, members.values()), default=0)
+    seen: dict[int, int] = {}
+    adapted, cell = [], []
+    for row, value in enumerate(values):
+        if value != BASE:
+            adapted.append(row)
+            cell.append((value - lo) * depth + seen.get(value, 0))
+            seen[value] = seen.get(value, 0) + 1
+
+    def longs(numbers: Sequence[int]) -> torch.Tensor:
+        return torch.tensor(numbers, dtype=torch.long, device=device)
+
+    slots_t = longs(values)
     return RowPlan(
         slots=slots_t,
         distinct=distinct,
-        distinct_t=torch.tensor(distinct, dtype=torch.long, device=device),
-        order=torch.tensor(order, dtype=torch.long, device=device),
+        distinct_t=longs(distinct),
+        order=longs(order),
         groups=tuple(groups),
         identity=order == list(range(len(values))),
+        window=(lo, hi),
+        depth=depth,
+        adapted=longs(adapted),
+        cell=longs(cell),
         onehot=onehot.to(device),
         gather_index=slots_t.clamp(min=0),
         row_mask=(slots_t != BASE).float(),
@@ -187,24 +212,39 @@ def choose(plan: RowPlan, tokens_per_row: int = 1, rank: int = 16) -> Algorithm:
 
     * ``"none"``: every row is a base row (the delta is zero).
     * ``"grouped"`` (SGMV): one matmul pair per distinct adapter on its rows, taken as
-      one slice each of the rows sorted by adapter. Costs a few small ops per distinct
-      adapter, plus (unless the rows already sit in adapter order) copies of the input
-      rows and of the delta: ``B * tokens * (in + out)`` numbers.
-    * ``"gather"`` (BGMV): each row's weights gathered from the banks, batched matmuls.
-      Costs a copy of one adapter per row: ``B * rank * (in + out)`` numbers.
+      one slice each of the rows sorted by adapter. A few small ops per distinct adapter,
+      plus (unless the rows already sit in adapter order) copies of the input rows and of
+      the delta: ``B * tokens * (in + out)`` numbers.
+    * ``"window"``: the rows scattered into a zero-padded ``[hi - lo, depth * tokens, in]``
+      tensor over the slot range ``window = (lo, hi)``, then one batched matmul pair
+      straight on the bank's slots ``lo:hi`` (a view: no weight copies). Computes
+      ``(hi - lo) * depth`` padded rows for the ``M`` real ones.
+    * ``"gather"`` (BGMV, the compile-safe path): each row's weights gathered from the
+      banks, batched matmuls. A copy of one adapter per row: ``B * rank * (in + out)``.
     * ``"dense"`` (never chosen; measured slower, kept for benchmarks): every row through
       all distinct adapters' stacked ranks, the others masked out (FLOPs x K).
 
-    Grouping wins for up to 8 distinct adapters when its copies are smaller than the
-    gather's (rows already in adapter order, or fewer tokens per row than the rank:
-    decode); the gather otherwise (many distinct adapters, prefill). Measured on CPU
-    with bench/kernels_micro.py.
+    Rules (CPU measurements, bench/kernels_micro.py): with rows already in adapter order
+    and at most 8 adapters, or one or two adapters in decode, grouping (no copies, few
+    ops); in decode (fewer tokens per row than the rank), the window when it computes at
+    most twice the real rows (about 2x faster than the gather at 8 to 32 distinct
+    adapters), else grouping for up to 8 adapters; the gather otherwise (prefill, where
+    copying rows costs more than copying weights).
     """
     k = len(plan.distinct)
     if k == 0:
         return "none"
-    if k <= _GROUPED_MAX_DISTINCT and (plan.identity or tokens_per_row < rank):
+    decode = tokens_per_row < rank
+    if k <= _GROUPED_MAX_DISTINCT and plan.identity:
         return "grouped"
+    if decode and k <= 2:
+        return "grouped"
+    if decode:
+        lo, hi = plan.window
+        if (hi - lo) * plan.depth <= _WINDOW_MAX_WASTE * len(plan.adapted):
+            return "window"
+        if k <= _GROUPED_MAX_DISTINCT:
+            return "grouped"
     return "gather"
 
 
@@ -254,13 +294,15 @@ def lora_delta_rows(
             delta = x3.new_zeros(*x3.shape[:2], B_bank.shape[1])
         elif chosen == "grouped":
             delta = _grouped(x3, A_bank, B_bank, scale, slots)
+        elif chosen == "window":
+            delta = _window(x3, A_bank, B_bank, scale, slots)
         elif chosen == "gather":
             row_scale = scale.index_select(0, slots.gather_index) * slots.row_mask
             delta = _gather(x3, A_bank, B_bank, slots.gather_index, row_scale)
         elif chosen == "dense":
             delta = _dense_rows(x3, A_bank, B_bank, scale, slots)
         else:
-            raise ArgumentValueError(f"unknown algorithm {chosen!r}; use one of none, grouped, gather, dense")
+            raise ArgumentValueError(f"unknown algorithm {chosen!r}; use one of none, grouped, window, gather, dense")
     return delta.reshape(*x.shape[:-1], B_bank.shape[1])
 
 
@@ -332,6 +374,23 @@ def _gather(
     # Input rows first (x @ A^T, low @ B^T): on CPU this orientation of bmm is 1.5-2x faster than A @ x^T.
     low = torch.bmm(x3, a.transpose(1, 2)) * row_scale.to(x3.dtype)[:, None, None]  # [B, T, R]
     return torch.bmm(low, b.transpose(1, 2))  # [B, T, out]
+
+
+def _window(
+    x3: torch.Tensor, A_bank: torch.Tensor, B_bank: torch.Tensor, scale: torch.Tensor, plan: RowPlan
+) -> torch.Tensor:
+    """Rows padded into their slots' cells over the slot window, batched matmuls on the bank's slots lo:hi."""
+    (lo, hi), depth = plan.window, plan.depth
+    batch, tokens, _ = x3.shape
+    adapted = x3.index_select(0, plan.adapted) if plan.has_base else x3
+    cells = x3.new_zeros((hi - lo) * depth, tokens, x3.shape[2]).index_copy(0, plan.cell, adapted)
+    cells = cells.view(hi - lo, depth * tokens, -1)
+    low = torch.bmm(cells, A_bank[lo:hi].transpose(1, 2)) * scale[lo:hi, None, None].to(x3.dtype)
+    out = torch.bmm(low, B_bank[lo:hi].transpose(1, 2)).view((hi - lo) * depth, tokens, -1)
+    picked = out.index_select(0, plan.cell)
+    if not plan.has_base:
+        return picked
+    return x3.new_zeros(batch, tokens, B_bank.shape[1]).index_copy(0, plan.adapted, picked)
 
 
 def _grouped(
