@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from importlib.metadata import PackageNotFoundError, version
 
+from .budget import BudgetStats
 from .configs import config_to_dict, format_config, parse_config, parse_config_string
 from .errors import (
     AdapterExistsError,
@@ -18,6 +19,7 @@ from .errors import (
     AdapterNameError,
     AdapterStateError,
     ArgumentValueError,
+    BudgetError,
     CheckpointError,
     CheckpointExistsError,
     CheckpointNotFoundError,
@@ -58,6 +60,8 @@ __all__ = [
     "AdapterkitError",
     "ArgumentValueError",
     "BASE",
+    "BudgetError",
+    "BudgetStats",
     "CheckpointError",
     "CheckpointExistsError",
     "CheckpointNotFoundError",

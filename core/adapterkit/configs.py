@@ -16,6 +16,7 @@ from __future__ import annotations
 import ast
 import copy
 import dataclasses
+import functools
 import difflib
 import enum
 import math
@@ -108,7 +109,9 @@ def _fields(config_type: type) -> dict[str, dataclasses.Field[Any] | attrs.Attri
     return {p.name: None for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
 
 
+@functools.lru_cache(maxsize=256)  # resolving annotations is most of a config's cost (register() reads thousands)
 def _type_hints(config_type: type) -> dict[str, Any]:
+    """The config type's resolved annotations (callers only read the dict)."""
     try:
         return typing.get_type_hints(config_type)
     except Exception:  # unresolvable forward references: skip type checks

@@ -29,6 +29,7 @@ __all__ = [
     "HubAccessError",
     "SaveError",
     "AdapterStateError",
+    "BudgetError",
     "PerSampleError",
     "UnsupportedOperationError",
     "ArgumentValueError",
@@ -127,6 +128,10 @@ class SaveError(AdapterkitError, OSError):
 
 class AdapterStateError(AdapterkitError, RuntimeError):
     """The operation does not fit the adapters' current state (e.g. merge twice)."""
+
+
+class BudgetError(AdapterStateError):
+    """The adapter memory budget (``Adapters.limit``) cannot hold the adapters an operation needs at once."""
 
 
 class UnsupportedOperationError(AdapterkitError, NotImplementedError):

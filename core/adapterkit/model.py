@@ -23,8 +23,8 @@ import attrs
 import torch
 from torch import nn
 
-from . import files, training
-from .concurrency import OpenBlocks, serialised
+from . import budget, files, training
+from .concurrency import OpenBlocks, gate, serialised
 from .configs import checkpoint_method, config_to_dict, resolve_config
 from .layers import AdaptedLayer, adapted_layers
 from .merging import merge_order, runs
@@ -80,6 +80,7 @@ class _Record:
         # One lock per model, whatever handle is used (see adapterkit.concurrency).
         self.lock = threading.RLock()
         self.blocks = OpenBlocks()  # per_sample blocks open on the model, in any thread
+        self.budget = budget.Budget()  # registered adapters, limits, recency, counters (see adapterkit.budget)
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
@@ -183,8 +184,13 @@ class Adapters:
       ``is_trainable=True``), is active, and adapters are enabled.
     * Names are unique across methods; reusing one is an :class:`AdapterExistsError`.
     * A failed ``add`` or ``load`` leaves the model exactly as it was.
-    * Operations from several threads run one after the other (see :attr:`lock`);
-      forwards never wait for them.
+    * Operations from several threads run one after the other (see :attr:`lock`).
+      Forwards never take the lock; an operation that changes what the active
+      adapters compute waits for other threads' forwards in flight and holds new
+      ones back while it writes, so each forward sees it whole or not at all
+      (see :mod:`adapterkit.concurrency`).
+    * Registered adapters (:meth:`register`) load when used and are evicted to
+      keep within a memory budget (:meth:`limit`).
     """
 
     def __init__(self, model: nn.Module, registry: MethodRegistry | None = None, *, _record: _Record | None = None) -> None:
@@ -212,7 +218,7 @@ class Adapters:
 
     @property
     def names(self) -> list[str]:
-        """All attached adapters, in the order they were added."""
+        """All attached (loaded) adapters, in the order they were added; see :attr:`registered` for the rest."""
         return list(self._adapters)
 
     @property
@@ -260,6 +266,8 @@ class Adapters:
             return self._adapters[name]
         except (KeyError, TypeError):
             pass
+        if isinstance(name, str):
+            budget.refuse_registered(self, name)
         if not self._adapters:
             raise NoAdaptersError(f"no adapter named {name!r}: the model has no adapters; add() or load() one first")
         raise UnknownAdapterError(f"no adapter named {name!r}; attached adapters: {', '.join(self._adapters)}")
@@ -298,6 +306,15 @@ class Adapters:
 
     def _call(self, method: Method, hook: str, **kwargs: Any) -> Any:
         return self.registry.call(method, hook, model=self.model, **kwargs)
+
+    def _changing(self, names: Sequence[str] | None = None) -> contextlib.AbstractContextManager[None]:
+        """Hold other threads' forwards back while what they compute changes (see :class:`~adapterkit.concurrency.ForwardGate`).
+
+        Given ``names``, only when one of them is active and adapters are enabled (else forwards do not read them).
+        """
+        if names is not None and not (self._enabled and any(n in self._active for n in names)):
+            return contextlib.nullcontext()
+        return gate(self.model).closed()
 
     def _apply_active(self) -> None:
         for method in self._methods():
@@ -437,6 +454,9 @@ class Adapters:
             method=method,
             allow_nonfinite=allow_nonfinite,
         )
+        if state_dict is not None:
+            # The adapter owns its tensors, as when read from files: swap() and weights write into them in place.
+            tensors = {key: value.detach().clone() for key, value in tensors.items()}
         self._attach(
             name,
             method_found,
@@ -490,12 +510,19 @@ class Adapters:
                     "pass allow_nonfinite=True to load them anyway"
                 )
         tensors = files.strip_prefix(state_dict)
+        method_found, config = self._method_and_config(source, config, metadata, list(tensors), method, operation)
+        return method_found, config, tensors
+
+    def _method_and_config(
+        self, source: Any, config: Any, metadata: Mapping[str, str], keys: list[str], method: str | None, operation: str
+    ) -> tuple[Method, Any]:
+        """A saved adapter's method and validated config, from its config, weights-file metadata and keys."""
         if method is None and isinstance(config, Mapping) and "method" not in config:
             method = checkpoint_method(
                 self.registry,
                 config,
                 metadata,
-                list(tensors),
+                keys,
                 recorded_key=files.METHOD_KEY,
                 where=repr(str(source)) if source is not None else "the given config and state_dict",
             )
@@ -505,7 +532,7 @@ class Adapters:
                 f"{operation}(method={method!r}) contradicts the config, which is a {method_found.name!r} config; "
                 "pass one of them"
             )
-        return method_found, config, tensors
+        return method_found, config
 
     @serialised
     def swap(
@@ -533,6 +560,7 @@ class Adapters:
         unknown = sorted(set(load_kwargs) - allowed)
         if unknown:
             raise TypeError(f"swap() got unexpected arguments {unknown}; it takes {sorted(allowed)}")
+        registered = budget.before_swap(self, name, source_or_state_dict, load_kwargs)  # loaded if it is not
         adapter = self._get(name)
         if name in self._merged:
             raise AdapterStateError(f"cannot swap adapter {name!r} while it is merged; unmerge() first")
@@ -540,27 +568,29 @@ class Adapters:
         if isinstance(source_or_state_dict, Mapping):
             source, state_dict = None, source_or_state_dict
             if load_kwargs.get("config") is None:
-                load_kwargs["config"] = config_to_dict(adapter.config, self.registry) | {"method": adapter.method.name}
+                load_kwargs["config"] = copy.deepcopy(adapter.config)  # (a plugin may normalise the config it gets)
         else:
             source, state_dict = source_or_state_dict, None
         method, config, tensors = self._read(source, name, state_dict=state_dict, operation="swap", **load_kwargs)
-        if method is not adapter.method:
+        if method != adapter.method:
             raise ConfigValueError(
                 f"cannot swap adapter {name!r} ({adapter.method.name}) for a {method.name!r} adapter; "
                 "swap replaces weights of the same method: delete() and load() instead"
             )
-        if self.registry.implements(method, "adapterkit_swap"):
-            self._call(method, "adapterkit_swap", name=name, config=config, state_dict=tensors)
-            adapter.config = config
-            return
-        self._replace(name, config, tensors)
+        with self._changing([name]):  # an inactive adapter is swapped beside live forwards
+            if self.registry.implements(method, "adapterkit_swap"):
+                self._call(method, "adapterkit_swap", name=name, config=config, state_dict=tensors)
+                adapter.config = config
+            else:
+                self._replace(name, config, tensors)
+        budget.after_swap(self, name, registered)  # a registered adapter reloads from the new source
 
     def _replace(self, name: str, config: Any, tensors: dict[str, torch.Tensor]) -> None:
         """Swap without the plugin's help: delete, then load under the same name; the old adapter back on failure."""
         adapter = self._adapters[name]
         old = {key: value.clone() for key, value in self._call(adapter.method, "adapterkit_extract_state", name=name).items()}
         active, weights = list(self._active), dict(self._weights)
-        self.delete(name)
+        self._unload(name)
         try:
             self._attach(name, adapter.method, config, state_dict=tensors, trainable=adapter.trainable, activate=False)
         except BaseException:
@@ -687,6 +717,10 @@ class Adapters:
 
     def _check_new_name(self, name: str) -> None:
         check_name(name)
+        if name in self._record.budget.entries:
+            raise AdapterExistsError(
+                f"an adapter named {name!r} is registered (register()); pick another name or delete({name!r}) it first"
+            )
         if name in self._adapters:
             raise AdapterExistsError(
                 f"an adapter named {name!r} is already attached ({self._adapters[name].method.name}); "
@@ -732,7 +766,10 @@ class Adapters:
             if not self._enabled:
                 # New layers start enabled: while adapters are disabled, the new adapter is too.
                 self._call(method, "adapterkit_disable")
-            self._apply_active()
+            # New layers start with the active adapters of before (the plugin's job): only the switch
+            # to the new adapter, if any, changes what forwards compute.
+            with self._changing() if activate else contextlib.nullcontext():
+                self._apply_active()
         except BaseException:
             self._adapters.pop(name, None)
             self._method_list = None
@@ -750,6 +787,7 @@ class Adapters:
 
     # -- activity ------------------------------------------------------------
     @serialised
+    @budget.trims  # the adapters it deactivates may be evicted afterwards
     def set_active(
         self, names: str | Sequence[str], weights: Sequence[float] | Mapping[str, float] | None = None
     ) -> None:
@@ -761,42 +799,60 @@ class Adapters:
             scaling. ``None`` (the default) weighs every adapter 1. Methods whose plugin
             does not support weights raise :class:`UnsupportedOperationError`.
         """
+        budget.use(self, names, replaces_active=True)  # registered adapters: loaded if they are not
         items = self._names_list(names, "set_active") if names != [] else []
         if self._merged:
             raise AdapterStateError(f"cannot change the active adapters while {self._merged} are merged; unmerge() first")
         found = self._check_weights(items, weights)
+        reweighed = sorted(n for n in {*found, *self._weights} if found.get(n, 1.0) != self._weights.get(n, 1.0))
+        if reweighed:
+            # per_sample rows compute their adapters at the weights of when the block opened.
+            self._blocks.refuse(f"change the weights of {reweighed}", reweighed)
         previous, previous_weights = self._active, self._weights
-        self._active, self._weights = items, found
-        try:
-            self._apply_active()
-        except BaseException:
-            # A plugin refused the new set (e.g. two active adapters with their own copy of one head):
-            # the old set is the state, on every method's layers too.
-            self._active, self._weights = previous, previous_weights
-            with contextlib.suppress(Exception):
+        with self._changing():  # a concurrent forward sees the old set or the new one, never half of each
+            self._active, self._weights = items, found
+            try:
                 self._apply_active()
-            raise
+            except BaseException:
+                # A plugin refused the new set (e.g. two active adapters with their own copy of one head):
+                # the old set is the state, on every method's layers too.
+                self._active, self._weights = previous, previous_weights
+                with contextlib.suppress(Exception):
+                    self._apply_active()
+                raise
 
     @serialised
     def disable(self) -> None:
         """Make the model compute as without adapters (adapters stay attached). Unmerges merged adapters first."""
         self._require_adapters("disable adapters")
         self._blocks.refuse("disable adapters")
-        if self._merged:
-            self.unmerge()
-        for method in self._methods():
-            self._call(method, "adapterkit_disable")
-        self._enabled = False
-        self._apply_active()
+        with self._changing():
+            if self._merged:
+                self.unmerge()
+            for method in self._methods():
+                self._call(method, "adapterkit_disable")
+            self._enabled = False
+            self._apply_active()
 
     @serialised
     def enable(self) -> None:
         """Undo :meth:`disable`."""
         self._require_adapters("enable adapters")
-        for method in self._methods():
-            self._call(method, "adapterkit_enable")
-        self._enabled = True
-        self._apply_active()
+        with self._changing():
+            for method in self._methods():
+                self._call(method, "adapterkit_enable")
+            self._enabled = True
+            try:
+                self._apply_active()
+            except BaseException:
+                # A plugin refused the active set once enabled (e.g. a weight on an adapter that would train now).
+                self._enabled = False
+                for method in self._methods():
+                    with contextlib.suppress(Exception):
+                        self._call(method, "adapterkit_disable")
+                with contextlib.suppress(Exception):
+                    self._apply_active()
+                raise
 
     @contextlib.contextmanager
     def disabled(self) -> Iterator[None]:
@@ -910,18 +966,19 @@ class Adapters:
             can_merge=lambda method: self.registry.implements(self.registry.get(method), "adapterkit_merge"),
         )
         done: list[tuple[Method, list[str]]] = []
-        try:
-            for group in runs(order, self.method):
-                method = self._adapters[group[0]].method
-                self._call(method, "adapterkit_merge", names=group)
-                done.append((method, group))
-                self._merged.extend(group)
-        except BaseException:
-            for method, group in reversed(done):
-                with contextlib.suppress(Exception):
-                    self._call(method, "adapterkit_unmerge", names=group)
-                self._merged = [n for n in self._merged if n not in group]
-            raise
+        with self._changing():
+            try:
+                for group in runs(order, self.method):
+                    method = self._adapters[group[0]].method
+                    self._call(method, "adapterkit_merge", names=group)
+                    done.append((method, group))
+                    self._merged.extend(group)
+            except BaseException:
+                for method, group in reversed(done):
+                    with contextlib.suppress(Exception):
+                        self._call(method, "adapterkit_unmerge", names=group)
+                    self._merged = [n for n in self._merged if n not in group]
+                raise
 
     @serialised
     def unmerge(self) -> None:
@@ -929,9 +986,10 @@ class Adapters:
         self._require_adapters("unmerge")
         if not self._merged:
             raise AdapterStateError("nothing to unmerge: no adapter is merged (adapters.merged is empty); merge() first")
-        for group in reversed(runs(self._merged, self.method)):
-            self._call(self._adapters[group[0]].method, "adapterkit_unmerge", names=group)
-            self._merged = self._merged[: -len(group)]
+        with self._changing():
+            for group in reversed(runs(self._merged, self.method)):
+                self._call(self._adapters[group[0]].method, "adapterkit_unmerge", names=group)
+                self._merged = self._merged[: -len(group)]
 
     @serialised
     def layers(self) -> list[AdaptedLayer]:
@@ -952,17 +1010,27 @@ class Adapters:
 
     @serialised
     def delete(self, name: str) -> None:
-        """Remove adapter ``name`` and its parameters; it leaves the active list."""
+        """Remove adapter ``name`` and its parameters; it leaves the active list. A registered adapter
+        (see :meth:`register`), loaded or not, is forgotten: its name is free again."""
+        if budget.forget(self, name):  # registered, not loaded: nothing to unload
+            return
+        self._unload(name)
+        budget.forget(self, name)
+
+    def _unload(self, name: str) -> None:
         adapter = self._get(name)
         if name in self._merged:
             raise AdapterStateError(f"adapter {name!r} is merged; unmerge() before deleting it")
         self._blocks.refuse(f"delete adapter {name!r}", [name])
-        self._call(adapter.method, "adapterkit_delete", name=name)
-        del self._adapters[name]
-        self._method_list = None
-        self._active = [n for n in self._active if n != name]
-        self._weights.pop(name, None)
-        self._apply_active()
+        # An inactive adapter leaves without stopping forwards: no forward reads it, and its layers unwrap
+        # one assignment at a time (see docs/guarantees.md, "Threads").
+        with self._changing([name]):
+            self._call(adapter.method, "adapterkit_delete", name=name)
+            del self._adapters[name]
+            self._method_list = None
+            self._active = [n for n in self._active if n != name]
+            self._weights.pop(name, None)
+            self._apply_active()
 
     # -- training --------------------------------------------------------------
     @serialised
@@ -984,6 +1052,93 @@ class Adapters:
         A scalar zero when no method adds a term.
         """
         return training.regularization(self)
+
+    # -- budget ----------------------------------------------------------------
+    @serialised
+    def register(
+        self,
+        source: str | PathLike[str],
+        name: str,
+        *,
+        revision: str | None = None,
+        token: str | bool | None = None,
+        subfolder: str | None = None,
+        cache_dir: str | PathLike[str] | None = None,
+        local_files_only: bool = False,
+        config: Any = None,
+        method: str | None = None,
+        allow_nonfinite: bool = False,
+        autocast_adapter_dtype: bool = True,
+    ) -> str:
+        """Record a saved adapter under ``name`` without loading it; it loads when it is used.
+
+        Reads the config (validated as :meth:`load` does, so a bad one fails here) and only the
+        header of ``adapter_model.safetensors`` (tensor names, dtypes and shapes: the adapter's
+        size), never the weights. :meth:`set_active`, :meth:`per_sample` and :meth:`swap` load
+        a registered adapter they name (inactive, frozen, as ``load(..., activate=False)``) and
+        evict least recently used ones to keep within :meth:`limit`. A registered name is taken:
+        ``add``/``load`` of it raise :class:`AdapterExistsError`; :meth:`delete` forgets it.
+        A Hub source is downloaded now and reloads from that commit in the cache (the token is not kept).
+
+        An adapter's bytes are its file's tensor bytes until it is loaded, then the bytes of its
+        loaded tensors (they differ when it loads in another dtype).
+
+        :param source: a local folder or a Hub repo id, as for :meth:`load` (``revision``, ``token``,
+            ``subfolder``, ``cache_dir``, ``local_files_only``, ``config``, ``method``,
+            ``allow_nonfinite`` and ``autocast_adapter_dtype`` as there; weights must be safetensors).
+        :param name: the adapter's name; must not be in use.
+        :returns: the name.
+        """
+        where = {"revision": revision, "token": token, "subfolder": subfolder, "cache_dir": cache_dir}
+        budget.register(
+            self,
+            source,
+            name,
+            where=where | {"local_files_only": local_files_only},
+            config=config,
+            method=method,
+            allow_nonfinite=allow_nonfinite,
+            autocast_adapter_dtype=autocast_adapter_dtype,
+        )
+        return name
+
+    @serialised
+    def limit(self, max_adapters: int | None = None, max_bytes: int | None = None) -> None:
+        """Set the memory budget of registered adapters: at most ``max_adapters`` loaded, and/or ``max_bytes``.
+
+        ``None`` removes that limit. Evicts least recently used adapters at once if the new budget
+        needs it. Active, pinned and merged adapters and those an open ``per_sample`` block names
+        are never evicted; if they alone exceed the new budget, :class:`BudgetError` and nothing changes.
+        Adapters added or loaded directly (not registered) are outside the budget.
+        """
+        budget.limit(self, max_adapters, max_bytes)
+
+    @serialised
+    def pin(self, name: str) -> None:
+        """Never evict registered adapter ``name`` (loaded or not) until :meth:`unpin`."""
+        budget.pin(self, name, True)
+
+    @serialised
+    def unpin(self, name: str) -> None:
+        """Undo :meth:`pin`: ``name`` may be evicted again."""
+        budget.pin(self, name, False)
+
+    @property
+    def registered(self) -> list[str]:
+        """Every registered adapter (see :meth:`register`), loaded or not, in the order registered."""
+        with self.lock:
+            return list(self._record.budget.entries)
+
+    @property
+    def resident(self) -> list[str]:
+        """The registered adapters loaded now, least recently used first (:attr:`names` lists every loaded adapter)."""
+        with self.lock:
+            return list(self._record.budget.recency)
+
+    @serialised
+    def stats(self) -> budget.BudgetStats:
+        """The budget's counters (hits, misses, evictions, loads) and sizes now."""
+        return budget.stats(self)
 
     # -- mixed batches -------------------------------------------------------
     @contextlib.contextmanager
@@ -1011,6 +1166,7 @@ class Adapters:
                 stack.close()
 
     def _open_per_sample(self, rows: Sequence[str]) -> tuple[contextlib.ExitStack, object]:
+        budget.use(self, rows)  # registered adapters: loaded if they are not
         self._require_adapters("run per_sample")
         if isinstance(rows, str) or not isinstance(rows, Sequence) or not rows:
             raise AdapterNameError(f"per_sample takes a non-empty list of adapter names, one per batch row; got {rows!r}")
@@ -1067,6 +1223,7 @@ def attach(model: nn.Module, registry: MethodRegistry | None = None) -> Adapters
         # Plain attribute, not a submodule: the record must not appear in model.state_dict().
         # setdefault: two threads attaching at once share one record (and its lock).
         record = model.__dict__.setdefault(_HANDLE_ATTR, handle._record)
+        gate(model)  # counts forwards in flight from now on (see adapterkit.concurrency)
         if record is handle._record:
             return handle
     if registry is not None and registry is not record.registry:

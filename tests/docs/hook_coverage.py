@@ -49,6 +49,8 @@ HOOK_TESTS: dict[str, list[str]] = {
         f"{CONTRACT}::test_set_active_and_none",
         "tests/lora/test_lora_peft.py::test_set_active_matches_peft",
         "tests/multi/test_methods_together.py::test_set_active_across_methods_and_disable",
+        "tests/serving/test_weights.py::test_lora_weight_equals_peft_with_alpha_times_weight",
+        "tests/serving/test_live_traffic.py::test_set_active_is_atomic_for_a_concurrent_forward",
         f"{BOTTLENECK}::test_several_active_adapters_add_their_deltas",
     ],
     "adapterkit_enable": [
@@ -108,9 +110,29 @@ HOOK_TESTS: dict[str, list[str]] = {
         "tests/training/test_per_step.py::test_regularization_is_the_adalora_term_and_only_for_adapters_being_trained",
         "tests/training/test_per_step.py::test_adalora_under_trainer_matches_a_hand_written_peft_loop_step_for_step",
     ],
+    "adapterkit_prepare_compiled": [
+        "tests/serving/test_core_serving.py::test_prepare_compiled_checks_its_arguments",
+        "tests/serving/test_compiled.py::test_lora_32_adapters_mixed_ranks_cycle_without_recompiles",
+        "tests/serving/test_compiled.py::test_ia3_32_adapters_cycle_without_recompiles",
+        "tests/serving/test_compiled.py::test_limits_raise_typed_errors_and_leave_the_model_unchanged",
+    ],
+    "adapterkit_combine": [
+        "tests/serving/test_core_serving.py::test_combine_and_prepare_compiled_refuse_methods_without_them",
+        "tests/lora/test_combine.py::test_cat_is_exactly_the_weighted_sum_of_the_deltas_with_mixed_ranks_rslora_and_targets",
+        "tests/lora/test_combine.py::test_pruned_merges_are_merge_utils_on_the_deltas_exactly_and_after_svd",
+        "tests/lora/test_combine.py::test_result_with_rank_and_alpha_patterns_saves_and_reloads_the_same_in_adapterkit_and_peft",
+        "tests/lora/test_combine.py::test_bad_how_and_options_are_config_errors_and_change_nothing",
+        "plugins/ia3/tests/test_ia3_combine.py::test_each_layer_gets_one_plus_the_weighted_deviations_and_an_absent_adapter_adds_nothing",
+    ],
     "adapterkit_dispatch": [
         "plugins/dispatch/tests/test_dispatch.py::test_cpu_and_disk_offload_gives_the_undispatched_outputs",
         "plugins/dispatch/tests/test_dispatch.py::test_the_plugin_is_found_through_its_entry_point",
         f"{BOTTLENECK}::test_loads_onto_a_dispatched_model_with_disk_offload",
+    ],
+    "adapterkit_swap": [
+        "tests/serving/test_swap.py::test_swap_in_place_equals_a_fresh_load",
+        "tests/serving/test_swap.py::test_what_does_not_fit_in_place_is_refused_and_nothing_changes",
+        "tests/serving/test_live_traffic.py::test_loads_swaps_and_deletes_beside_forwards_change_no_output",
+        "tests/serving/test_core_serving.py::test_swap_refuses_what_it_cannot_do",
     ],
 }

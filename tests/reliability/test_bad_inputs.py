@@ -91,6 +91,7 @@ BUILTIN: dict[type[AdapterkitError], type[BaseException]] = {
     HubAccessError: PermissionError,
     SaveError: OSError,
     AdapterStateError: RuntimeError,
+    errors.BudgetError: RuntimeError,
     PerSampleError: ValueError,
     errors.ArgumentValueError: ValueError,
     UnsupportedOperationError: NotImplementedError,
@@ -295,6 +296,13 @@ class _RunsCode:
 
 
 # -- operations ----------------------------------------------------------------------------------
+def budget_of_one(w: World) -> None:
+    """Two registered adapters (not loaded) and a budget of one."""
+    w.adapters.register(w.saved["lora"], "r1")
+    w.adapters.register(w.saved["lora"], "r2")
+    w.adapters.limit(max_adapters=1)
+
+
 def add(spec: Any, name: Any = "new") -> Callable[[World], Any]:
     return lambda w: w.adapters.add(spec, name)
 
@@ -1135,6 +1143,14 @@ OPERATIONS = [
         r"per_sample is for inference",
         r"model\.eval\(\)",
         setup=training,
+    ),
+    case(
+        "per-sample-over-the-budget",
+        per_sample(["r1", "r2", "one"]),
+        errors.BudgetError,
+        r"max_adapters=1.*\['r1', 'r2'\]",
+        r"raise the budget with limit\(\)",
+        setup=(two, budget_of_one),
     ),
     case(
         "per-sample-a-string",

@@ -40,12 +40,14 @@ from typing import Any
 import torch
 from adapterkit import ConfigValueError, UnsupportedOperationError, hookimpl
 from adapterkit.routing import check_rows, replaced_forwards
-from adapterkit_peft import PeftMethod, routed_heads
+from adapterkit_peft import PeftMethod, banks, routed_heads
 from peft import IA3Config
 from peft.tuners.ia3 import IA3Model
 from peft.tuners.ia3.layer import Linear as IA3Linear
 from peft.tuners.ia3.layer import _ConvNd as IA3ConvNd
 from torch import nn
+
+from .combine import combine
 
 __all__ = ["IA3Method", "plugin"]
 
@@ -70,10 +72,36 @@ class IA3Method(PeftMethod):
                 f"'target_modules'={sorted(targets)!r}; {sorted(feedforward - targets)!r} are not targets"
             )
 
+    @hookimpl
+    def adapterkit_combine(
+        self,
+        model: nn.Module,
+        method: str,
+        names: Sequence[str],
+        weights: Sequence[float],
+        how: str,
+        options: dict[str, Any],
+    ) -> tuple[IA3Config, dict[str, torch.Tensor]]:
+        return combine(self, model, names, weights, how, options)
+
     # -- per-sample routing ------------------------------------------------------
     @hookimpl
+    def adapterkit_prepare_compiled(
+        self, model: nn.Module, method: str, max_rank: int | None, targets: Sequence[str] | None, max_adapters: int | None
+    ) -> None:
+        self._prepare_compiled(model, max_rank, targets, max_adapters)
+
+    @hookimpl
     def adapterkit_per_sample(self, model: nn.Module, method: str, rows: Sequence[str]) -> Any:
+        if banks.prepared(model, self.name) is not None:
+            return self._per_sample_banked(model, list(rows))
         return self._per_sample(model, list(rows))
+
+    @contextlib.contextmanager
+    def _per_sample_banked(self, model: nn.Module, rows: list[str]) -> Iterator[None]:
+        # Prepared for compiled switching: every layer reads each row's vector from the banks (see banks.py).
+        with banks.per_sample(model, self.name, rows), routed_heads(model, rows):
+            yield
 
     @contextlib.contextmanager
     def _per_sample(self, model: nn.Module, rows: list[str]) -> Iterator[None]:

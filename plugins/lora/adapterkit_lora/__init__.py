@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from adapterkit import ConfigValueError, UnsupportedOperationError, hookimpl
 from adapterkit.routing import check_rows, replaced_forwards, this_thread_only
-from adapterkit_peft import PeftMethod, check_rows_biases, has_adapter, routed_heads
+from adapterkit_peft import PeftMethod, banks, check_rows_biases, has_adapter, routed_heads
 from peft import LoraConfig
 from peft.tuners.lora import Linear as LoraLinear
 from peft.tuners.lora import LoraModel
@@ -17,6 +17,8 @@ from peft.tuners.lora.layer import MultiheadAttention as LoraMultiheadAttention
 from peft.tuners.lora.layer import ParamWrapper
 from torch import nn
 from torch.nn import functional as F
+
+from .combine import combine
 
 __all__ = ["LoraMethod", "plugin"]
 
@@ -52,8 +54,35 @@ class LoraMethod(PeftMethod):
                 layer.__dict__["forward"] = _ExactBaseForward(layer)
 
     @hookimpl
+    def adapterkit_combine(
+        self,
+        model: nn.Module,
+        method: str,
+        names: Sequence[str],
+        weights: Sequence[float],
+        how: str,
+        options: dict[str, Any],
+    ) -> tuple[LoraConfig, dict[str, torch.Tensor]]:
+        return combine(self, model, names, weights, how, options)
+
+    @hookimpl
+    def adapterkit_prepare_compiled(
+        self, model: nn.Module, method: str, max_rank: int | None, targets: Sequence[str] | None, max_adapters: int | None
+    ) -> None:
+        self._prepare_compiled(model, max_rank, targets, max_adapters)
+
+    @hookimpl
     def adapterkit_per_sample(self, model: nn.Module, method: str, rows: Sequence[str]) -> Any:
+        if banks.prepared(model, self.name) is not None:
+            return self._per_sample_banked(model, list(rows))
         return self._per_sample(model, list(rows))
+
+    @contextlib.contextmanager
+    def _per_sample_banked(self, model: nn.Module, rows: list[str]) -> Iterator[None]:
+        # Prepared for compiled switching: every layer reads each row's slot from the banks (see banks.py).
+        check_rows_biases(model, self.name, rows)
+        with banks.per_sample(model, self.name, rows), routed_heads(model, rows):
+            yield
 
     @contextlib.contextmanager
     def _per_sample(self, model: nn.Module, rows: list[str]) -> Iterator[None]:

@@ -10,6 +10,7 @@ This distribution depends on peft; the core (``adapterkit``) never imports it.
 
 from __future__ import annotations
 
+from . import banks
 from .bias import AdapterBiases, biases_of, check_rows_biases
 from .creation import empty_weights, layer_passes_skipped
 from .heads import HEAD_PRESETS, routed_heads
@@ -23,6 +24,7 @@ __all__ = [
     "LayerSite",
     "PeftMethod",
     "adapter_tensors",
+    "banks",
     "adapters_held",
     "biases_of",
     "check_rows_biases",

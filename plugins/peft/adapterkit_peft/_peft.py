@@ -25,6 +25,7 @@ __all__ = [
     "bare_tuner",
     "base_device_and_dtype",
     "convert_config_for_transformers",
+    "feedforward_target",
     "peft_wants_real_tensors",
 ]
 
@@ -81,3 +82,11 @@ def peft_wants_real_tensors() -> bool:
     restored weights) with ``_skip_init_on_device``; the glue's empty-weights mode honours it.
     """
     return getattr(_integrations._init_on_device, "_skip", False) is True
+
+
+def feedforward_target(tuner_type: type, config: Any, key: str) -> bool | None:
+    """Whether (IA)^3's tuner makes the layer at ``key`` a feedforward one under ``config`` (None: not an IA3 tuner)."""
+    check = getattr(tuner_type, "_check_target_module_feedforward", None)
+    if check is None or getattr(config, "feedforward_modules", None) is None:
+        return None
+    return bool(check(config, key))

@@ -16,6 +16,7 @@ from adapterkit.layers import claim, owner, positions, walk
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
+from . import banks
 from ._peft import ExcludedModule, bare_tuner, convert_config_for_transformers
 from .bias import (
     bias_option,
@@ -52,6 +53,9 @@ from .heads import (
 from .quantized import keep_quantized_weights, restore_quantized_weights
 from .stacking import stack_aware
 from .state import check_state_dict, without_saved_base_weights
+from .swap import swap_in_place
+from .weighting import apply_weights, check_weights, original
+from .weighting import forget as forget_weight
 from .validation import check_memory, merge_errors, peft_errors, validate_peft_config, warn_unmatched_patterns
 
 __all__ = ["PeftMethod"]
@@ -210,6 +214,12 @@ class PeftMethod:
             warn_untied(model, method, name, config, sites)
         if bias_option(config) != "none":
             new_adapter_biases(model, self.name, name, config, self.sites(model, name))
+        banks.remember_config(model, self.name, name, config)
+        if banks.prepared(model, self.name) is not None:
+            # Prepared for compiled switching: the adapter must fit the banks (else the core rolls back).
+            banks.check_fits(model, self.name, name, self.sites(model, name))
+            if not empty:
+                self._adopt(model, name)
 
     def _inject(
         self, model: nn.Module, method: str, name: str, config: Any, empty: bool, autocast_adapter_dtype: bool
@@ -219,6 +229,7 @@ class PeftMethod:
             return
         if not empty:
             check_memory(method, name, config, model)  # a load's weights are empty: only an add allocates them
+        active = self.current_active(model)
         # peft's tuner retouches layers and the requires_grad of every method's adapters
         cache = model.__dict__.get(_CACHE, {})
         for key in [k for k in cache if isinstance(k, tuple)]:
@@ -230,7 +241,7 @@ class PeftMethod:
             # The tuner wraps the targets in place; we keep the layers, not the tuner. For a load, its
             # weights are empty (peft's own low_cpu_mem_usage would patch torch for the whole process).
             with peft_errors(method, name), empty_weights() if empty else contextlib.nullcontext():
-                self._tuner_class(model, config, adapter_name=name, low_cpu_mem_usage=False)
+                self._tuner_class(model, config, adapter_name=name, low_cpu_mem_usage=False, adapterkit_active=active)
         finally:
             # peft leaves model.peft_config behind; adapterkit keeps configs itself.
             model.__dict__.pop("peft_config", None)
@@ -250,6 +261,14 @@ class PeftMethod:
                 if autocast_adapter_dtype:
                     upcast(site.layer, name)
                 freeze_bookkeeping(site.layer, name)
+
+    def current_active(self, model: nn.Module) -> list[str]:
+        """This method's active adapters as its layers hold them (what a newly wrapped layer must start with)."""
+        known = model.__dict__.get(_CACHE, {}).get((self.name, "active"))
+        if known is not None:
+            return list(known)
+        layers = self.layers(model)
+        return list(layers[0].active_adapters) if layers else []
 
     def _upcast_on_load(self, model: nn.Module, name: str, flag: bool) -> None:
         # The load that follows places the file's tensors in the layer's dtype, then upcasts them (as peft does).
@@ -280,6 +299,7 @@ class PeftMethod:
         if not self._direct_load_fits(config):
             return False
         tuner = bare_tuner(self._tuner_class, model, name, config)
+        tuner.__dict__["_adapterkit_active"] = self.current_active(model)  # new layers start with these
         # The load places the adapter's weights itself (see place()): skip peft's device scan of each new layer.
         tuner.__dict__["_adapterkit_direct"] = True
         with peft_errors(method, name):
@@ -332,16 +352,32 @@ class PeftMethod:
     # -- activity -------------------------------------------------------------------
     @hookimpl
     def adapterkit_set_active(
-        self, model: nn.Module, method: str, names: Sequence[str], trainable: Sequence[str]
+        self,
+        model: nn.Module,
+        method: str,
+        names: Sequence[str],
+        trainable: Sequence[str],
+        weights: Sequence[float] | None,
     ) -> None:
         names, wanted = list(names), set(trainable)
         cache = model.__dict__.setdefault(_CACHE, {})
+        layers = self.layers(model)
+        weighted = {n: float(w) for n, w in zip(names, weights or ()) if w != 1.0}
+        check_weights(method, layers, weighted, trainable)  # before anything changes
         previous = cache.get((self.name, "trainable"))
         fresh = cache.pop((self.name, "fresh"), set())
-        layers = self.layers(model)
         for layer in layers:
             # Straight into __dict__: nn.Module.__setattr__ checks three registries per call.
             layer.__dict__["_active_adapter"] = names
+        # Prepared for compiled switching, the active slots and weights are tensors the layers read (banks.py);
+        # peft's scalings and vectors stay each adapter's own.
+        if banks.set_active(model, self.name, names, weights):
+            pass
+        elif weighted or cache.get((self.name, "weighted"), True):  # unknown (cache cleared): look
+            apply_weights(layers, weighted)
+            cache[(self.name, "weighted")] = bool(weighted)
+        # Layers a later load wraps for the first time start with these (see stacking.stack_aware).
+        cache[(self.name, "active")] = names
         # Only adapters whose trainability changes (or whose parameters are new) are touched:
         # switching among frozen adapters costs the same with 2 or 100 of them loaded.
         if previous is None:
@@ -405,7 +441,11 @@ class PeftMethod:
 
     @hookimpl
     def adapterkit_extract_state(self, model: nn.Module, method: str, name: str) -> dict[str, torch.Tensor]:
-        state = {key: getattr(owner, leaf).detach() for key, (_, owner, leaf) in self._expected(model, name).items()}
+        # A weighted (IA)^3 vector holds the weighted values while active: the adapter's own are kept aside.
+        state = {
+            key: original(site.layer, name, getattr(owner, leaf)).detach()
+            for key, (site, owner, leaf) in self._expected(model, name).items()
+        }
         state.update(head_state(model, name))
         biases = biases_of(model).get(name)
         return state if biases is None else {**state, **biases.state()}
@@ -445,6 +485,28 @@ class PeftMethod:
                 moved |= upcast(layer, name)  # what the file held in half precision, as peft casts it
             freeze_bookkeeping(layer, name)
         self._renewed(model, name, None if moved else params)
+        if banks.prepared(model, self.name) is not None:
+            banks.check_fits(model, self.name, name, [s for s in self.sites(model, name)])
+            self._adopt(model, name)
+
+    def _adopt(self, model: nn.Module, name: str) -> None:
+        """Put adapter ``name`` into its slot of the banks; its parameters become views of it."""
+        banks.adopt(model, self.name, name)
+        self._renewed(model, name)
+
+    def _prepare_compiled(
+        self, model: nn.Module, max_rank: int | None, targets: Sequence[str] | None, max_adapters: int | None
+    ) -> None:
+        """``adapterkit_prepare_compiled`` for the methods with banks (LoRA, IA3: see :mod:`adapterkit_peft.banks`)."""
+        sites = self.sites(model)
+        names = list(dict.fromkeys(n for site in sites for n in adapters_held(site.layer)))
+        # Eager weights (written into peft's scalings and IA3 vectors) move into the banks' routing.
+        apply_weights(self.layers(model), {})
+        model.__dict__.setdefault(_CACHE, {})[(self.name, "weighted")] = False
+        banks.prepare(model, self.name, sites, names, max_rank=max_rank, targets=targets, max_adapters=max_adapters)
+        self.forget(model)
+        for name in names:
+            self._renewed(model, name)
 
     def _renewed(self, model: nn.Module, name: str, params: list[nn.Parameter] | None = None) -> None:
         """Adapter ``name`` has new parameter objects (``params``, when known): set_active must set their requires_grad."""
@@ -455,6 +517,17 @@ class PeftMethod:
             known.pop(name, None)
         else:
             known[name] = params
+
+    @hookimpl
+    def adapterkit_swap(
+        self, model: nn.Module, method: str, name: str, config: Any, state_dict: dict[str, torch.Tensor]
+    ) -> None:
+        # In place (see adapterkit_peft.swap): the adapter's parameters keep their identity.
+        if banks.prepared(model, self.name) is not None:
+            banks.swap(self, model, name, config, state_dict)  # into its slot: other ranks and targets may fit
+            self._renewed(model, name)
+            return
+        swap_in_place(self, model, name, config, state_dict)
 
     # -- merging and deleting ---------------------------------------------------------
     @hookimpl
@@ -519,16 +592,19 @@ class PeftMethod:
 
     @hookimpl
     def adapterkit_delete(self, model: nn.Module, method: str, name: str) -> None:
+        banks.forget_slot(model, self.name, name)
+        banks.remember_config(model, self.name, name, None)
         delete_heads(model, name)
         model.__dict__.get(_CACHE, {}).pop(HEADS_KEY, None)
         forget_adapter_biases(model, name)
         # Innermost first: a layer nested in another's base is unwrapped before its outer layer is.
         for site in reversed(self.sites(model, name)):
+            forget_weight(site.layer, name)
             with warnings.catch_warnings():
                 # peft picks a new active adapter and says so; the core re-applies its own active set.
                 warnings.filterwarnings("ignore", message="Adapter .* was active which is now deleted")
                 site.layer.delete_adapter(name)
-            if is_empty(site.layer):
-                # Unwrap: put back the module this layer replaced.
+            if is_empty(site.layer) and not banks.keeps(model, site.layer):
+                # Unwrap: put back the module this layer replaced (a prepared layer stays, with its banks).
                 setattr(site.parent, site.attr, site.layer.base_layer)
         self.forget(model)

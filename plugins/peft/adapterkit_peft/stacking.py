@@ -13,6 +13,11 @@ layer they do not know (a native plugin's wrapper). The tuner subclass built by
   wrapper. The new adapter acts after everything below it, in the order adapters
   were added;
 * modules inside other methods' wrappers (their adapters' own ``nn.Linear``\\ s) are never targets.
+
+It also keeps loads invisible to forwards running in other threads: a new layer starts with
+the method's current active adapters (``adapterkit_active``), not with the adapter being
+added, is placed on a scratch parent and seated with one assignment, and the tuner's final
+switch of every layer to the new adapter is skipped (the core switches, atomically).
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ import functools
 from typing import Any
 
 from adapterkit.layers import innermost, owner, positions
+from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
 __all__ = ["stack_aware"]
@@ -45,16 +51,35 @@ def stack_aware(tuner_type: type, method: str) -> type:
                 target = bottom
             return super()._create_and_replace(config, adapter_name, target, target_name, parent, current_key, **kwargs)
 
+        def __init__(self, *args: Any, adapterkit_active: list[str] | None = None, **kwargs: Any) -> None:
+            # Read by _replace_module and set_adapter while peft's constructor injects.
+            self.__dict__["_adapterkit_active"] = adapterkit_active
+            super().__init__(*args, **kwargs)
+
         def _replace_module(self, parent: nn.Module, child_name: str, new_module: nn.Module, child: nn.Module) -> None:
             outer = self.__dict__.get("_adapterkit_reseat", {}).pop(id(child), None)
+            active = self.__dict__.get("_adapterkit_active")
+            if active is not None:
+                # A forward in another thread may run through the new layer as soon as it is seated: it starts
+                # with the method's current active adapters, not the one being added (empty weights until loaded).
+                for module in new_module.modules():
+                    if isinstance(module, BaseTunerLayer) and owner(module) is None:
+                        module.__dict__["_active_adapter"] = list(active)
             quantized = getattr(getattr(child, "base_layer", child), "state", None) is not None
-            if self.__dict__.get("_adapterkit_direct") and hasattr(new_module, "base_layer") and not quantized:
-                # A load places the adapter's weights itself: skip peft's device scan of the new layer.
-                setattr(parent, child_name, new_module)
-            else:
-                super()._replace_module(parent, child_name, new_module, child)
+            if not (self.__dict__.get("_adapterkit_direct") and hasattr(new_module, "base_layer") and not quantized):
+                # peft's own placement, on a scratch parent: the layer is seated complete, in one step, below.
+                # (A direct load places the adapter's weights itself and skips peft's device scan.)
+                scratch = nn.Module()
+                super()._replace_module(scratch, "layer", new_module, child)
             if outer is not None:
                 new_module.base_layer = outer
+            setattr(parent, child_name, new_module)
+
+        def set_adapter(self, adapter_name: Any, inference_mode: bool = False) -> None:
+            # peft's inject ends by making the new adapter the only active one on every layer, one layer after
+            # the other (a forward in another thread would see half of each); the core sets activity itself.
+            if self.__dict__.get("_adapterkit_active") is None:
+                super().set_adapter(adapter_name, inference_mode)
 
         def _check_target_module_exists(self, config: Any, key: str) -> Any:
             # peft walks model.named_modules(): keep it off the modules inside other methods' wrappers.

@@ -92,3 +92,10 @@ def test_empty_weights_act_on_this_thread_only():
             assert nn.Linear(3, 3).weight.is_meta and torch.randn(2).is_meta
     thread.join()
     assert seen == [True] * 50
+
+
+def test_ia3_feedforward_check():
+    config = IA3Config(target_modules=["0", "1"], feedforward_modules=["1"])
+    assert _peft.feedforward_target(IA3Model, config, "1") is True
+    assert _peft.feedforward_target(IA3Model, config, "0") is False
+    assert _peft.feedforward_target(LoraModel, LoraConfig(), "0") is None
