@@ -19,6 +19,9 @@ times are printed beside. Times are medians over rounds; ratios are medians of t
 paired ratios within a round. Outputs of the kernels are checked against peft's
 mixed batch. A per-layer table (``--layers``) times one projection's delta alone.
 
+On a shared machine, run with ``OMP_WAIT_POLICY=PASSIVE`` for more than one thread:
+OpenMP's spinning threads otherwise count as CPU time while they wait for a core.
+
     python bench/kernels_micro.py --workload medium --threads 1
     python bench/kernels_micro.py --workload small --threads 0   # 0: torch's default
     python bench/kernels_micro.py --workload medium --seq 128 --batch 32 --rounds 2 --distinct 32
