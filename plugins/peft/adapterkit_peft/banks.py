@@ -686,18 +686,12 @@ def _ia3_forward(self: IA3Linear, x: torch.Tensor, *args: Any, **kwargs: Any) ->
         return type(self).forward(self, x, *args, **kwargs)
     routing: Routing = self.__dict__["_adapterkit_routing"]
     bank_in, bank_out = self.adapterkit_in, self.adapterkit_out
-    if _routed_rows(routing, x.shape[0]):
-        rows = routing.rows
-        weights = routing.slot_weights.index_select(0, rows)[:, None]
-        shape = (x.shape[0], *([1] * (x.dim() - 2)), -1)
-        # v_eff = 1 + w (v - 1), written so that w = 1 gives v and w = 0 gives 1 exactly
-        scale_in = (bank_in.index_select(0, rows) * weights + (1 - weights)).reshape(shape)
-        scale_out = (bank_out.index_select(0, rows) * weights + (1 - weights)).reshape(shape)
-    else:
-        slots, weights = routing.slots, routing.weights[:, None]
-        scale_in = (bank_in.index_select(0, slots) * weights + (1 - weights)).prod(0)
-        scale_out = (bank_out.index_select(0, slots) * weights + (1 - weights)).prod(0)
     # peft's dtype handling: the input scaled in the adapter's dtype (feedforward), the output by promotion.
-    interm = (x.to(bank_in.dtype) * scale_in).to(x.dtype)
+    if _routed_rows(routing, x.shape[0]):
+        rows, weights = routing.rows, routing.slot_weights
+        interm = kernels.ia3_rows(x, bank_in, rows, slot_weights=weights)
+        result = self.base_layer(interm, *args, **kwargs)
+        return kernels.ia3_rows(result, bank_out, rows, slot_weights=weights, cast=False)
+    interm = kernels.ia3_active(x, bank_in, routing.slots, routing.weights)
     result = self.base_layer(interm, *args, **kwargs)
-    return (result * scale_out).to(result.dtype)
+    return kernels.ia3_active(result, bank_out, routing.slots, routing.weights, cast=False)

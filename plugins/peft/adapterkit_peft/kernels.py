@@ -421,6 +421,7 @@ def ia3_rows(
     dim: int = -1,
     cast: bool = True,
     out_dtype: torch.dtype | None = None,
+    slot_weights: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Row ``b`` of ``t`` scaled by the IA3 vector in slot ``slots[b]`` (:data:`BASE` rows: unchanged).
 
@@ -437,11 +438,15 @@ def ia3_rows(
     Args:
         cast: cast ``t`` to ``vec_bank.dtype`` before scaling (else: type promotion).
         out_dtype: the result's dtype (None: ``t.dtype``).
+        slot_weights: ``[S]``, each slot's weight (``set_active(weights=)``): its vector acts as
+            ``1 + w (v - 1)``; None: weight 1.
     """
     if isinstance(slots, RowPlan):
         _check_plan(slots, t.shape[0])
         slots = slots.slots
     vectors = vec_bank.index_select(0, slots.clamp(min=0))
+    if slot_weights is not None:
+        vectors = _weighted(vectors, slot_weights.index_select(0, slots.clamp(min=0)))
     vectors = torch.where((slots != BASE)[:, None], vectors, torch.ones_like(vectors))  # [B, F]
     dim = dim % t.dim()
     shape = [t.shape[0]] + [1] * (t.dim() - 1)
@@ -459,12 +464,14 @@ def ia3_active_vector(
     """
     vectors = vec_bank.index_select(0, slots_k)  # [K, F]
     if weights_k is not None:
-        w = weights_k.to(vectors.dtype)[:, None]
-        vectors = vectors * w + (1 - w)
-    product = vectors[0]
-    for k in range(1, vectors.shape[0]):  # K is a shape: unrolled under compile, peft's multiplication order
-        product = product * vectors[k]
-    return product
+        vectors = _weighted(vectors, weights_k)
+    return vectors.prod(0)  # one op whatever K (K may change between calls under compile)
+
+
+def _weighted(vectors: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """IA3 vectors ``[K, F]`` with weights ``[K]`` as ``w v + (1 - w)``: exactly ``v`` at 1, exactly 1 at 0."""
+    w = weights.to(vectors.dtype)[:, None]
+    return vectors * w + (1 - w)
 
 
 def ia3_active(
