@@ -158,7 +158,7 @@ class PeftMethod:
     def forget(self, model: nn.Module) -> None:
         """Drop what :meth:`layers` and :meth:`adapterkit_set_active` remember: the layers changed."""
         cache = model.__dict__.get(_CACHE, {})
-        for key in (self.name, *((self.name, part) for part in ("trainable", "fresh", "params", "new sites"))):
+        for key in (self.name, *((self.name, part) for part in ("trainable", "fresh", "params", "new sites", "expected"))):
             cache.pop(key, None)
 
     # -- registration and configs -----------------------------------------------
@@ -431,12 +431,20 @@ class PeftMethod:
         return suffix
 
     def _expected(self, model: nn.Module, name: str) -> dict[str, tuple[LayerSite, nn.Module, str]]:
-        handed = model.__dict__.get(_CACHE, {}).pop((self.name, "new sites"), None)
+        cache = model.__dict__.setdefault(_CACHE, {})
+        handed = cache.pop((self.name, "new sites"), None)
+        # Cached per adapter until this method's layers change (forget()): swaps and saves ask every time. What
+        # is read from it (layers, logical paths, the modules holding each tensor) stays when another method
+        # wraps a layer, and when a load or swap assigns new tensors to those modules.
+        known = cache.setdefault((self.name, "expected"), {})
+        if handed is None and name in known:
+            return known[name]
         sites = handed[1] if handed is not None and handed[0] == name else self.sites(model, name)
         expected = {}
         for site in sites:
             for suffix, owner, leaf in adapter_tensors(site.layer, name):
                 expected[f"{site.logical}.{self.file_key(suffix)}"] = (site, owner, leaf)
+        known[name] = expected
         return expected
 
     @hookimpl
