@@ -549,7 +549,7 @@ def part_compile(work: Workload, args: argparse.Namespace) -> Part:
     # per_sample under compile: batches of 4 rows drawn from the 32 adapters; eager per_sample outputs as reference.
     rng = random.Random(5)
     ids4 = input_ids(size, 4, 8, seed=14)
-    batches = [[names[rng.randrange(ADAPTERS)] for _ in range(4)] for _ in range(max(4, cycles // 5))]
+    batches = [[names[rng.randrange(ADAPTERS)] for _ in range(4)] for _ in range(max(4, cycles // 5 + 1))]
     if ready:
         mixed_refs = {}
         for rows in batches:
