@@ -540,7 +540,7 @@ class Adapters:
         if isinstance(source_or_state_dict, Mapping):
             source, state_dict = None, source_or_state_dict
             if load_kwargs.get("config") is None:
-                load_kwargs["config"] = config_to_dict(adapter.config, self.registry) | {"method": adapter.method.name}
+                load_kwargs["config"] = copy.deepcopy(adapter.config)
         else:
             source, state_dict = source_or_state_dict, None
         method, config, tensors = self._read(source, name, state_dict=state_dict, operation="swap", **load_kwargs)

@@ -311,12 +311,19 @@ def _config_or_none(result: Any, method: Method) -> str | None:
     return f"returned {type(result).__name__}, not a {method.config_type.__name__}"
 
 
+def _combined(result: Any, method: Method) -> str | None:
+    if not isinstance(result, tuple) or len(result) != 2:
+        return f"returned {type(result).__name__}, not a (config, state_dict) pair"
+    return _tensor_dict(result[1], method)
+
+
 # What each per-method hook must return (hooks not named here return nothing the core uses).
 _RESULT_CHECKS = {
     "adapterkit_extract_state": _tensor_dict,
     "adapterkit_per_sample": _context_manager,
     "adapterkit_config_to_dict": _dict_or_none,
     "adapterkit_config_from_dict": _config_or_none,
+    "adapterkit_combine": _combined,
 }
 
 

@@ -144,6 +144,9 @@ def test_methods_names_the_hooks_a_plugin_leaves_out(capsys, monkeypatch):
         "adapterkit_layer_adapters",
         "adapterkit_training_step",
         "adapterkit_regularization",
+        "adapterkit_swap",
+        "adapterkit_prepare_compiled",
+        "adapterkit_combine",
     ]
     code, out, _ = cli_run(capsys, "methods")
     assert code == 0

@@ -108,6 +108,15 @@ HOOK_TESTS: dict[str, list[str]] = {
         "tests/training/test_per_step.py::test_regularization_is_the_adalora_term_and_only_for_adapters_being_trained",
         "tests/training/test_per_step.py::test_adalora_under_trainer_matches_a_hand_written_peft_loop_step_for_step",
     ],
+    "adapterkit_swap": [
+        "tests/serving/test_core_serving.py::test_swap_refuses_what_it_cannot_do",
+    ],
+    "adapterkit_prepare_compiled": [
+        "tests/serving/test_core_serving.py::test_prepare_compiled_checks_its_arguments",
+    ],
+    "adapterkit_combine": [
+        "tests/serving/test_core_serving.py::test_combine_and_prepare_compiled_refuse_methods_without_them",
+    ],
     "adapterkit_dispatch": [
         "plugins/dispatch/tests/test_dispatch.py::test_cpu_and_disk_offload_gives_the_undispatched_outputs",
         "plugins/dispatch/tests/test_dispatch.py::test_the_plugin_is_found_through_its_entry_point",

@@ -62,6 +62,9 @@ ROUTES: dict[str, tuple[str, ...]] = {
     "adapterkit_claim_checkpoint": (".load(",),
     "adapterkit_training_step": (".training_step(", "Trainer("),
     "adapterkit_regularization": (".regularization(", "Trainer("),
+    "adapterkit_swap": (".swap(",),
+    "adapterkit_prepare_compiled": (".prepare_compiled(",),
+    "adapterkit_combine": (".combine(",),
 }
 
 
