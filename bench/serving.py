@@ -448,11 +448,12 @@ class CountingBackend:
 
 
 def cycle_compiled(
-    model: Any, switch: Callable[[int], str], ids: Any, refs: dict[str, Any], cycles: int
+    model: Any, switch: Callable[[int], Any], ids: Any, refs: dict[Any, Any], cycles: int, warm: int = 0
 ) -> dict[str, Any]:
     """Compile ``model`` with a counting backend, run once, then ``cycles`` times: ``switch(i)`` and a forward.
 
-    ``switch`` returns the adapter whose eager output ``refs`` holds for the forward that follows.
+    ``switch`` returns the key of ``refs`` that holds the eager output for the forward that follows.
+    ``warm``: also count the compilations after the first ``warm`` steps (one step of each kind, say).
     """
     import torch
 
@@ -463,7 +464,10 @@ def cycle_compiled(
     worst = max_diff(forward(compiled, ids), refs[name])
     first = backend.calls
     start = time.perf_counter()
+    warmed = None
     for i in range(cycles):
+        if i == warm:
+            warmed = backend.calls
         name = switch(i)
         worst = max(worst, max_diff(forward(compiled, ids), refs[name]))
     elapsed = time.perf_counter() - start
@@ -471,6 +475,8 @@ def cycle_compiled(
     return {
         "first_compile_graphs": first,
         "compiles_after_first": backend.calls - first,
+        "compiles_after_warmup": None if not warm or warmed is None else backend.calls - warmed,
+        "warmup_steps": warm,
         "max_abs_diff_vs_eager": worst,
         "seconds": elapsed,
         "recompile_limit": limit,
@@ -515,8 +521,13 @@ def part_compile(work: Workload, args: argparse.Namespace) -> Part:
         # torch's limit counts every compile of a frame, the first included
         hit_limit = result["compiles_after_first"] >= result["recompile_limit"] - 1
         detail = (
-            f"first compile: {result['first_compile_graphs']} graph(s); outputs vs eager max |diff| "
+            f"first compile: {result['first_compile_graphs']} graph(s); outputs vs eager max abs diff "
             f"{result['max_abs_diff_vs_eager']:.1e}"
+            + (
+                f"; after the first {result['warmup_steps']} steps (one of each kind): {result['compiles_after_warmup']}"
+                if result.get("compiles_after_warmup") is not None
+                else ""
+            )
             + (
                 f"; torch's recompile limit ({result['recompile_limit']}) reached: the rest ran uncompiled"
                 if hit_limit
@@ -577,6 +588,43 @@ def part_compile(work: Workload, args: argparse.Namespace) -> Part:
                 blocks.pop().__exit__(None, None, None)
     else:
         part.missing("adapterkit prepared, per_sample batches: compilations after the first", why)
+
+    # What a server does: set_active of one adapter, a weighted pair and per_sample batches, in turn.
+    if ready:
+        step_refs: dict[int, Any] = {}
+        open_blocks: list[Any] = []
+
+        def mixed_switch(i: int) -> int:
+            while open_blocks:
+                open_blocks.pop().__exit__(None, None, None)
+            kind, pick = (i + 1) % 3, names[(i + 1) % ADAPTERS]
+            for adapters in (eager.adapters, prepared.adapters):  # the eager model gives the reference
+                if kind == 0:
+                    adapters.set_active(pick)
+                elif kind == 1:
+                    adapters.set_active([pick, names[(i + 7) % ADAPTERS]], weights=[1.0, 0.5])
+                else:
+                    block = adapters.per_sample(batches[(i + 1) % len(batches)])
+                    block.__enter__()
+                    open_blocks.append(block)
+                if adapters is eager.adapters:
+                    step_refs[i] = forward(eager.model, ids4)
+                    while open_blocks:
+                        open_blocks.pop().__exit__(None, None, None)
+            return i
+
+        try:
+            result = cycle_compiled(prepared.model, mixed_switch, ids4, step_refs, cycles, warm=3)
+            report_cycle(
+                f"adapterkit prepared, {cycles} steps of set_active, weighted pairs, per_sample in turn", result
+            )
+        except Exception as exc:  # noqa: BLE001 (reported)
+            part.missing("adapterkit prepared, mixed steps under compile", f"{type(exc).__name__}: {first_line(exc)}")
+        finally:
+            while open_blocks:
+                open_blocks.pop().__exit__(None, None, None)
+            eager.adapters.set_active(names[0])
+            prepared.adapters.set_active(names[0])
 
     # swap under compile: the active adapter's weights replaced from each folder in turn.
     swapper = prepared if ready else eager
@@ -1057,7 +1105,7 @@ def part_traffic(work: Workload, args: argparse.Namespace) -> Part:
             wrong,
             0,
             unit="",
-            detail=f"{len(busy)} forwards during loads into this model; max |diff| {worst:.1e} (the right ones: "
+            detail=f"{len(busy)} forwards during loads into this model; max abs diff {worst:.1e} (the right ones: "
             f"{noise:.1e}, float rounding)"
             + (f"; {len(refused)} loads/deletes refused: {refused[0]}" if refused else ""),
         )
