@@ -391,6 +391,8 @@ def part_decode(work: Workload, args: argparse.Namespace) -> Part:
         timings.ratio(f"ak{ADAPTERS}", f"peft{ADAPTERS}"),
         0.25,
         iqr=timings.spread(f"ak{ADAPTERS}", f"peft{ADAPTERS}"),
+        detail=f"the base model alone takes {fmt_value(timings.ratio('base', f'peft{ADAPTERS}'), 'x')} peft's time "
+        "(no per-sample path can go below it)",
     )
 
     # Prefill: batch B x 128 tokens, a distinct adapter per row (B = --prefill-batch; 32 x 128 costs ~30 s a forward here).
