@@ -199,7 +199,7 @@ def part_tables(part: dict[str, Any], markdown: bool) -> str:
             [
                 t["label"],
                 fmt_value(t["value"], t.get("unit", "x")),
-                "" if t.get("limit") is None else f"<= {fmt_value(t['limit'], t.get('unit', 'x'))}",
+                "" if t.get("limit") is None or t.get("anchor") else f"<= {fmt_value(t['limit'], t.get('unit', 'x'))}",
                 target_status(t),
                 t.get("detail", ""),
             ]
