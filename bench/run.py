@@ -4,6 +4,8 @@
     python bench/run.py --quick    # smoke run: small model, 6 adapters, 2 rounds (< 2 min)
 
 Prints a table and writes bench/results/<timestamp>.json. See docs/benchmarks.md.
+The serving benchmarks (many adapters per batch, torch.compile, budget, live traffic) are a
+separate run: python bench/serving.py (tox -e bench-serving).
 """
 
 from __future__ import annotations
