@@ -532,8 +532,9 @@ class PeftMethod:
     ) -> None:
         # In place (see adapterkit_peft.swap): the adapter's parameters keep their identity.
         if banks.prepared(model, self.name) is not None:
-            banks.swap(self, model, name, config, state_dict)  # into its slot: other ranks and targets may fit
-            self._renewed(model, name)
+            # Into its slot: other ranks and targets may fit. A rebuilt adapter's new parameters are handed to
+            # set_active by the load inside; values copied in place keep theirs (nothing for set_active to redo).
+            banks.swap(self, model, name, config, state_dict)
             return
         swap_in_place(self, model, name, config, state_dict)
 
