@@ -47,6 +47,16 @@ def make_mlp(seed: int = 0) -> nn.Module:
     return MLP().eval()
 
 
+def make_sequential(seed: int = 0) -> nn.Module:
+    """Two Linear layers ("0", "2") around a Tanh: the smallest model with two targets."""
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 8)).eval()
+
+
+def sequential_input() -> torch.Tensor:
+    return torch.randn(5, 8, generator=torch.Generator().manual_seed(3))
+
+
 def llama_input() -> torch.Tensor:
     return torch.randint(0, TINY_LLAMA["vocab_size"], (3, 9), generator=torch.Generator().manual_seed(1))
 

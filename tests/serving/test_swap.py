@@ -17,23 +17,11 @@ import pytest
 import torch
 from adapterkit import AdapterkitError, UnsupportedOperationError
 from peft import LoraConfig
+from conftest import make_sequential as make_model
+from conftest import run, sequential_input as x_input
 from torch import nn
 
 TARGETS = "target_modules=['0', '2'], init_lora_weights=False"
-
-
-def make_model(seed: int = 0) -> nn.Module:
-    torch.manual_seed(seed)
-    return nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 8)).eval()
-
-
-def x_input() -> torch.Tensor:
-    return torch.randn(5, 8, generator=torch.Generator().manual_seed(3))
-
-
-def run(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    with torch.no_grad():
-        return model(x)
 
 
 def saved_adapter(tmp_path, spec: str, name: str, seed: int) -> str:
